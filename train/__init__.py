@@ -1,0 +1,1 @@
+"""The program: data, evaluation, checkpoints, the train/meta.py entry point."""
