@@ -1,0 +1,32 @@
+"""Finite-difference HVP support (DESIGN.md "fd" mode): H ḡ ≈ (∇L(φ + r ḡ) - ∇L(φ - r ḡ)) / 2r.
+
+Same conventions as `mamlen.kernels.adamw` (flat contiguous 1-D tensors; state dtype = promote(param
+dtype, float32); `backend=None | "reference" | "cpp" | "triton"`).
+"""
+from mamlen.kernels import _dispatch as D
+
+
+def fd_perturb(p, d, r, *, backend=None):
+    """The two evaluation points ``(p + r·d, p - r·d)``: computed in the state dtype, returned in p's dtype.
+
+    p: parameters (float32, float64, bfloat16); d: direction in the state dtype; r: a Python float.
+    """
+    fn = "fd_perturb"
+    dev = D.check_vectors(fn, p=p, d=d)
+    pd = D.check_param_dtype(fn, ("p",), p)
+    D.check_state_dtype(fn, pd, d=d)
+    D.check_hparams(fn, lr=r)
+    return D.call(fn, backend, dev, p, d, float(r))
+
+
+def fd_combine_(acc, g_plus, g_minus, scale, *, backend=None):
+    """``acc += (g_plus - g_minus) · scale`` in place (acc in the state dtype of the gradients' dtype).
+
+    With scale = 1/(2r) this adds the central-difference HVP to an adjoint buffer in one pass. None.
+    """
+    fn = "fd_combine_"
+    dev = D.check_vectors(fn, acc=acc, g_plus=g_plus, g_minus=g_minus)
+    gd = D.check_param_dtype(fn, ("g_plus", "g_minus"), g_plus, g_minus)
+    D.check_state_dtype(fn, gd, acc=acc)
+    D.check_hparams(fn, lr=scale)
+    D.call(fn, backend, dev, acc, g_plus, g_minus, float(scale))
