@@ -1,0 +1,233 @@
+"""Training checkpoints: one directory per step, written atomically, verified on load.
+
+    output_dir/ckpt-00000120/
+        model.safetensors      parameters, by model.named_parameters() name (tied weights once)
+        optimizer.safetensors  "exp_avg.<name>", "exp_avg_sq.<name>"; metadata {"step": outer step count t}
+        state.json             trainer step and counters, data-sampler state, the RNG states of every rank
+        config.yaml            the resolved run config
+        manifest.json          sha256 and size of every file above; written last
+
+A checkpoint is written into a hidden temporary directory and renamed into place only when complete, so a
+crash while saving leaves the previous checkpoints intact. Loading checks the manifest; a checkpoint with a
+missing, truncated or altered file is reported and the previous one is used.
+
+Weights are copied *into* the model's existing parameters (the engine keeps them as views of flat buffers;
+replacing the parameter objects would detach them from the engine).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+FORMAT = 1
+MODEL, OPTIMIZER, STATE, CONFIG, MANIFEST = ("model.safetensors", "optimizer.safetensors", "state.json",
+                                             "config.yaml", "manifest.json")
+_NAME = re.compile(r"^ckpt-(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that cannot be used; the message names the directory and the file."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RNG states (each rank has its own: dropout masks differ per rank)
+
+
+def rng_state() -> dict:
+    """This process's python, numpy, torch CPU and CUDA generator states, as JSON-able values."""
+    b64 = lambda t: base64.b64encode(t.numpy().tobytes()).decode()  # noqa: E731
+    np_state = np.random.get_state()
+    return {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *[x.item() if hasattr(x, "item") else x for x in np_state[2:]]],
+        "torch": b64(torch.get_rng_state()),
+        "cuda": [b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(s: dict) -> None:
+    unb64 = lambda x: torch.frombuffer(bytearray(base64.b64decode(x)), dtype=torch.uint8)  # noqa: E731
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    np.random.set_state((s["numpy"][0], np.array(s["numpy"][1], dtype=np.uint32), *s["numpy"][2:]))
+    torch.set_rng_state(unb64(s["torch"]))
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([unb64(x) for x in s["cuda"]])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# saving
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # named_parameters() lists a tied weight once; clone because every parameter is a view of one flat buffer
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters()}
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """Checkpoint directories in output_dir, oldest first (by step)."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    return sorted((p for p in d.iterdir() if p.is_dir() and _NAME.match(p.name)), key=lambda p: p.name)
+
+
+def save(output_dir: str | Path, step: int, *, model: torch.nn.Module, optimizer_state: dict, state: dict,
+         config_yaml: str, keep: int) -> Path:
+    """Write ckpt-{step:08d} atomically, then delete all but the newest `keep` checkpoints. Rank 0 only.
+
+    optimizer_state: the engine's {"step": int, "exp_avg": {name: T}, "exp_avg_sq": {name: T}};
+    state: JSON-able trainer state (step, counters, sampler state, per-rank RNG states)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".ckpt-*.tmp"):  # left by a crash while saving
+        shutil.rmtree(stale, ignore_errors=True)
+    final = out / f"ckpt-{step:08d}"
+    tmp = out / f".ckpt-{step:08d}.tmp"
+    tmp.mkdir()
+
+    save_file(model_tensors(model), str(tmp / MODEL), metadata={"format": str(FORMAT)})
+    opt = {f"exp_avg.{n}": t.detach().to("cpu", copy=True).contiguous() for n, t in optimizer_state["exp_avg"].items()}
+    opt.update({f"exp_avg_sq.{n}": t.detach().to("cpu", copy=True).contiguous()
+                for n, t in optimizer_state["exp_avg_sq"].items()})
+    save_file(opt, str(tmp / OPTIMIZER), metadata={"step": str(int(optimizer_state["step"])), "format": str(FORMAT)})
+    _write_text(tmp / STATE, json.dumps(state))
+    _write_text(tmp / CONFIG, config_yaml)
+    for name in (MODEL, OPTIMIZER):
+        _fsync(tmp / name)
+    files = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+             for name in (MODEL, OPTIMIZER, STATE, CONFIG)}
+    # the manifest last: a directory without a complete manifest is never loaded
+    _write_text(tmp / MANIFEST, json.dumps({"format": FORMAT, "step": step, "files": files}, indent=1))
+    _fsync(tmp)
+
+    if final.exists():  # the same step saved again (e.g. after falling back from a corrupted checkpoint)
+        old = out / f".ckpt-{step:08d}.old.tmp"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync(out)
+
+    for stale in checkpoints(out)[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading
+
+
+def verify(ckpt: Path) -> None:
+    """Raise CheckpointError unless every file listed in the manifest is present with its size and sha256."""
+    mpath = ckpt / MANIFEST
+    if not mpath.is_file():
+        raise CheckpointError(f"{ckpt}: no {MANIFEST} (incomplete save)")
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{mpath}: unreadable manifest ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{mpath}: format {manifest.get('format')!r}, this code reads format {FORMAT}")
+    for name in (MODEL, OPTIMIZER, STATE, CONFIG):
+        if name not in files:
+            raise CheckpointError(f"{mpath}: {name} is not listed")
+    for name, meta in files.items():
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        size = path.stat().st_size
+        if size != meta["bytes"]:
+            raise CheckpointError(f"{path}: {size} bytes, the manifest says {meta['bytes']} (truncated?)")
+        if _sha256(path) != meta["sha256"]:
+            raise CheckpointError(f"{path}: sha256 differs from the manifest (corrupted)")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    state: dict
+
+    def load_model_(self, model: torch.nn.Module) -> None:
+        """Copy the saved parameters into `model`'s existing parameter tensors (in place)."""
+        saved = load_file(str(self.path / MODEL))
+        params = dict(model.named_parameters())
+        missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+        if missing or unexpected:
+            raise CheckpointError(f"{self.path / MODEL}: does not fit the model: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}")
+        for n, p in params.items():
+            t = saved[n]
+            if t.shape != p.shape or t.dtype != p.dtype:
+                raise CheckpointError(f"{self.path / MODEL}: {n} is {tuple(t.shape)} {t.dtype}, "
+                                      f"the model has {tuple(p.shape)} {p.dtype}")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+
+    def optimizer_state(self) -> dict:
+        """{"step": int, "exp_avg": {name: T}, "exp_avg_sq": {name: T}}, as the engine takes it."""
+        path = str(self.path / OPTIMIZER)
+        with safe_open(path, framework="pt") as f:
+            step = int(f.metadata()["step"])
+        tensors = load_file(path)
+        state = {"step": step, "exp_avg": {}, "exp_avg_sq": {}}
+        for key, t in tensors.items():
+            kind, name = key.split(".", 1)
+            state[kind][name] = t
+        return state
+
+    def config_yaml(self) -> str:
+        return (self.path / CONFIG).read_text()
+
+
+def latest(output_dir: str | Path, warn: Callable[[str], None] = print) -> Checkpoint | None:
+    """The newest checkpoint that passes `verify`; each invalid newer one is reported through `warn`."""
+    for ckpt in reversed(checkpoints(output_dir)):
+        try:
+            verify(ckpt)
+            state = json.loads((ckpt / STATE).read_text())
+        except CheckpointError as e:
+            warn(f"checkpoint {ckpt.name} is unusable: {e}; trying the previous one")
+            continue
+        return Checkpoint(path=ckpt, step=int(state["step"]), state=state)
+    return None

@@ -1,0 +1,185 @@
+"""Meta-train a causal LM with MAML-en-LLM (or the MetaICL baseline): parse, build, train, close.
+
+    python train/meta.py --preset demo                                    # one process
+    torchrun --standalone --nproc_per_node 2 train/meta.py --preset tiny  # tasks of each step split over ranks
+    python train/meta.py --preset tiny --output-dir runs/t --max-steps 40 # same dir again: resumes
+
+Each step's tasks are a function of (train.seed, step); rank r builds and adapts tasks[r::world], the engine
+all-reduces the meta-gradient, and every rank applies the same outer step. Rank 0 alone logs and saves.
+"""
+import os
+import sys
+
+if __name__ == "__main__":  # run as a script: train/ must not shadow libraries (its evaluate.py vs HF `evaluate`)
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+
+import contextlib
+import datetime
+import time
+
+import torch
+import torch.distributed as dist
+
+from mamlen.core import MetaConfig, MetaEngine
+from mamlen.train import checkpoint, config, data, evaluate, models
+from mamlen.train.logger import Logger, peak_mem_gb
+
+
+def setup_distributed():
+    """(rank, world, device) from the torchrun environment; one process without it."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if world > 1:
+        if cuda:
+            torch.cuda.set_device(device)
+        # a long timeout: the other ranks wait at the next all-reduce while rank 0 evaluates or saves
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+    return rank, world, device
+
+
+def build(cfg: config.Config, rank: int, world: int, device: torch.device):
+    if cfg.train.tasks_per_step < world:
+        raise config.ConfigError(f"train.tasks_per_step: {cfg.train.tasks_per_step} tasks cannot be split over "
+                                 f"{world} ranks (need at least one task per rank)")
+    torch.manual_seed(cfg.train.seed)  # identical random init on every rank for models built from a config
+    model, tok = models.load_model(cfg.model.name, dtype=getattr(torch, cfg.model.dtype))
+    model.to(device).train(cfg.model.dropout)
+    e = cfg.engine
+    mcfg = MetaConfig(**{**vars(e), "autocast_dtype": e.autocast_dtype and getattr(torch, e.autocast_dtype)})
+    engine = MetaEngine(model, mcfg)
+    if world > 1:  # every rank must start from rank 0's weights
+        with torch.no_grad():
+            for p in model.parameters():
+                dist.broadcast(p.data, 0)
+    data_dir = cfg.data.data_dir or data.DEFAULT_DATA_DIR
+    sampler = data.EpisodeSampler(
+        data.load_train_tasks(data_dir, cfg.data.setting, seed=cfg.data.seed, fraction=cfg.data.fraction), tok,
+        tasks_per_step=cfg.train.tasks_per_step, k=cfg.data.k, inner_steps=e.inner_steps,
+        batch_size=cfg.train.batch_size, method=cfg.data.method, max_len=cfg.data.max_len, seed=cfg.train.seed)
+    # dropout masks differ per rank; rank 0 matches a single-process run
+    torch.manual_seed(cfg.train.seed + 1_000_003 * rank)
+    return model, tok, engine, mcfg, sampler
+
+
+def run_eval(cfg, model, tok, log, step, tag):
+    """Evaluate the setting's unseen tasks (rank 0) without disturbing the training RNG or mode."""
+    data_dir = cfg.data.data_dir or data.DEFAULT_DATA_DIR
+    tasks = cfg.eval.tasks or data.load_setting(data_dir, cfg.data.setting)[cfg.eval.split]
+    rng = checkpoint.rng_state()
+    model.eval()
+    result = evaluate.evaluate(model, tok, data_dir, tasks, k=cfg.eval.k, seeds=tuple(cfg.eval.seeds),
+                               method=cfg.data.method, batch_size=cfg.eval.batch_size,
+                               max_len=cfg.eval.max_len or cfg.data.max_len, progress=cfg.log.progress)
+    model.train(cfg.model.dropout)
+    checkpoint.set_rng_state(rng)
+    log.eval(step, result, tag)
+    return result
+
+
+def side_by_side(before: dict, after: dict) -> str:
+    rows = [f"{'task':32s} {'before':>8s} {'after':>8s} {'change':>8s}"]
+    for t in sorted(after["tasks"]):
+        b, a = before["tasks"].get(t, {}).get("mean", float("nan")), after["tasks"][t]["mean"]
+        rows.append(f"{t:32s} {b:8.4f} {a:8.4f} {a - b:+8.4f}")
+    for k in ("mean", "worst"):
+        b, a = before["macro"][k], after["macro"][k]
+        rows.append(f"{'macro ' + k:32s} {b:8.4f} {a:8.4f} {a - b:+8.4f}")
+    return "\n".join(rows)
+
+
+def train(cfg: config.Config, rank: int = 0, world: int = 1, device=torch.device("cpu")) -> int:
+    model, tok, engine, mcfg, sampler = build(cfg, rank, world, device)
+    ck = checkpoint.latest(cfg.output_dir, warn=print if rank == 0 else lambda m: None)
+    if ck is None and cfg.checkpoint.resume == "require":
+        raise SystemExit(f"--resume: no usable checkpoint in {cfg.output_dir}")
+    start, skips = 0, 0
+    if ck is not None:
+        ck.load_model_(model)
+        engine.load_optimizer_state(ck.optimizer_state())
+        sampler.load_state_dict(ck.state["sampler"])
+        start, skips = ck.step, ck.state["consecutive_skips"]
+        rngs = ck.state["rng"]
+        if len(rngs) == world:
+            checkpoint.set_rng_state(rngs[rank])
+        elif rank == 0:
+            print(f"note: checkpoint saved by {len(rngs)} ranks, resuming on {world}: dropout RNG reseeded")
+    log = Logger(cfg.output_dir, enabled=rank == 0, start_step=start, max_steps=cfg.train.max_steps,
+                 progress=cfg.log.progress, tensorboard=cfg.log.tensorboard, log_every=cfg.log.every)
+    if ck is not None:
+        log.write(f"resumed from {ck.path} at step {start}")
+    before = run_eval(cfg, model, tok, log, 0, "before") if cfg.eval.before and start == 0 and rank == 0 else None
+
+    def save(step):
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, checkpoint.rng_state())
+        else:
+            rngs = [checkpoint.rng_state()]
+        if rank == 0:
+            state = {"step": step, "consecutive_skips": skips, "sampler": {**sampler.state_dict(), "step": step},
+                     "rng": rngs, "world_size": world}
+            path = checkpoint.save(cfg.output_dir, step, model=model, optimizer_state=engine.optimizer_state(),
+                                   state=state, config_yaml=config.to_yaml(cfg), keep=cfg.checkpoint.keep)
+            log.write(f"saved {path}")
+
+    # debugging/tests: poison the logits (hence the loss) at train.nan_steps
+    poison = {"on": False}
+    model.get_output_embeddings().register_forward_hook(
+        lambda mod, inp, out: out * float("nan") if poison["on"] else None)
+    mine = list(range(rank, cfg.train.tasks_per_step, world))
+    peak_lr, peak_inner = cfg.engine.outer_lr, cfg.engine.inner_lr
+    status, step = 0, start
+    for step in range(start + 1, cfg.train.max_steps + 1):
+        f = cfg.lr.factor(step, cfg.train.max_steps)
+        mcfg.outer_lr = peak_lr * f
+        mcfg.inner_lr = peak_inner * f if cfg.lr.scale_inner else peak_inner
+        poison["on"] = step in cfg.train.nan_steps
+        t0 = time.perf_counter()
+        if cfg.train.method == "maml-en-llm":
+            m = engine.step(sampler.meta_batch(step, mine))
+        else:
+            m = engine.metaicl_step(sampler.metaicl_batch(step, mine))
+        dt = time.perf_counter() - t0
+        skips = skips + 1 if m["skipped"] else 0
+        log.step({"step": step, "loss": m["loss"], "support_loss": m["support_loss"], "grad_norm": m["grad_norm"],
+                  "inner_lr": mcfg.inner_lr, "outer_lr": mcfg.outer_lr, "tokens": m["tokens"],
+                  "tokens_per_s": m["tokens"] / dt, "peak_mem_gb": peak_mem_gb(), "skipped": m["skipped"]})
+        if skips >= cfg.train.max_consecutive_skips:
+            log.write(f"stopping at step {step}: {skips} consecutive steps had a non-finite loss or meta-gradient "
+                      f"(train.max_consecutive_skips={cfg.train.max_consecutive_skips}); parameters and moments "
+                      f"are those of step {step - skips}. Lower the learning rates or check the data.")
+            status = 1
+            break
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
+            save(step)
+        if cfg.eval.every and step % cfg.eval.every == 0 and rank == 0:
+            run_eval(cfg, model, tok, log, step, "periodic")
+    if status == 0 and cfg.eval.after and rank == 0:
+        after = run_eval(cfg, model, tok, log, step, "after")
+        if before is not None:
+            log.write("unseen tasks, before vs after meta-training:\n" + side_by_side(before, after))
+    log.close()
+    return status
+
+
+def main(argv=None) -> int:
+    try:
+        cfg, args = config.load(argv)
+    except config.ConfigError as e:
+        raise SystemExit(f"config error: {e}")
+    if args.print_config:
+        print(config.to_yaml(cfg), end="")
+        return 0
+    rank, world, device = setup_distributed()
+    try:
+        return train(cfg, rank, world, device)
+    finally:
+        with contextlib.suppress(Exception):
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
