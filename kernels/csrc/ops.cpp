@@ -1,3 +1,271 @@
-// Placeholder until the fused kernels land: the library exists and registers the namespace.
+// CPU kernels of the mamlen::* ops (schemas: kernels/_dispatch.py). This file checks every input, allocates
+// outputs, splits the elements over threads (ATen's OpenMP pool, at::parallel_for) and hands each chunk
+// to the SIMD loops of fused_kernels.cpp for the CPU capability picked at run time.
+//
+// Capability scheme: fused_kernels.cpp is compiled for DEFAULT (any x86-64 / other CPU), AVX2+FMA and
+// AVX-512 (CMakeLists.txt, only where the compiler supports the flags). We follow
+// at::get_cpu_capability(), i.e. exactly the variant torch's own kernels use on this CPU (cpuinfo
+// detection, overridable with ATEN_CPU_CAPABILITY=default|avx2|avx512), and fall back to the best
+// variant we have compiled that does not exceed it. So one build is fast here and still loads and runs
+// correctly on a CPU without AVX2.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
-TORCH_LIBRARY_FRAGMENT(mamlen, m) {}
+
+#include <cmath>
+
+#include "kernels.h"
+
+namespace mamlen::cpu {
+namespace {
+
+RunChunk pick_variant() {
+  const std::string cap = at::get_cpu_capability();  // "AVX512", "AVX2", "DEFAULT", ... (exported by ATen)
+#if defined(MAMLEN_HAVE_AVX512)
+  if (cap == "AVX512") return &AVX512::run_chunk;
+#endif
+#if defined(MAMLEN_HAVE_AVX2)
+  if (cap == "AVX2" || cap == "AVX512") return &AVX2::run_chunk;
+#endif
+  (void)cap;
+  return &DEFAULT::run_chunk;
+}
+
+const char* variant_name() {
+  static const RunChunk fn = pick_variant();
+#if defined(MAMLEN_HAVE_AVX512)
+  if (fn == &AVX512::run_chunk) return "avx512";
+#endif
+#if defined(MAMLEN_HAVE_AVX2)
+  if (fn == &AVX2::run_chunk) return "avx2";
+#endif
+  return "default";
+}
+
+// Elements per block: threads get whole blocks (no cache line shared between threads), and calls below
+// kGrainBlocks blocks stay on the calling thread (thread wake-up costs more than the work).
+constexpr int64_t kBlock = 1024;
+constexpr int64_t kGrainBlocks = 32;
+
+void run(Op op, Dt dt, const Buffers& buf, int64_t n, const Hyper& h) {
+  static const RunChunk fn = pick_variant();
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
+    fn(op, dt, buf, b0 * kBlock, std::min(n, b1 * kBlock), h);
+  });
+}
+
+// ---- input checks (the Python wrappers check too; these guard direct torch.ops.mamlen calls) ----------
+
+void check_vec(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK(t.defined(), fn, ": argument '", name, "' is undefined");
+  TORCH_CHECK(t.device().is_cpu(), fn, ": argument '", name, "' must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == 1, fn, ": argument '", name, "' must be a flat 1-D tensor, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), fn, ": argument '", name, "' must be contiguous, got stride ", t.strides());
+  TORCH_CHECK(t.numel() == ref.numel(), fn, ": argument '", name, "' has ", t.numel(),
+              " elements, expected ", ref.numel());
+}
+
+Dt param_dt(const char* fn, const char* name, const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Dt::F32;
+    case at::kDouble: return Dt::F64;
+    case at::kBFloat16: return Dt::BF16;
+    default:
+      TORCH_CHECK(false, fn, ": argument '", name, "' has dtype ", t.scalar_type(),
+                  "; supported: float32, float64, bfloat16");
+  }
+  return Dt::F32;
+}
+
+using Named = std::pair<const char*, const at::Tensor*>;
+
+at::ScalarType state_type(Dt dt) { return dt == Dt::F64 ? at::kDouble : at::kFloat; }
+
+void check_dtype(const char* fn, const char* name, const at::Tensor& t, at::ScalarType want) {
+  TORCH_CHECK(t.scalar_type() == want, fn, ": argument '", name, "' must have dtype ", want, ", got ",
+              t.scalar_type());
+}
+
+Hyper adamw_hyper(const char* fn, double lr, double beta1, double beta2, double eps, double wd, int64_t step) {
+  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, fn, ": beta1 must satisfy 0 <= beta1 < 1, got ", beta1);
+  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, fn, ": beta2 must satisfy 0 <= beta2 < 1, got ", beta2);
+  TORCH_CHECK(eps >= 0.0, fn, ": eps must be >= 0, got ", eps);
+  TORCH_CHECK(step >= 1, fn, ": step (the bias-correction count) must be >= 1, got ", step);
+  Hyper h;
+  h.lr = lr;
+  h.beta1 = beta1;
+  h.beta2 = beta2;
+  h.eps = eps;
+  h.a = 1.0 / (1.0 - std::pow(beta1, static_cast<double>(step)));
+  h.b = 1.0 / (1.0 - std::pow(beta2, static_cast<double>(step)));
+  h.c = 1.0 - lr * wd;
+  return h;
+}
+
+// ---- ops ---------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> inner_adamw_forward(const at::Tensor& p, const at::Tensor& g,
+    const at::Tensor& m, const at::Tensor& v, double lr, double beta1, double beta2, double eps, double wd,
+    int64_t step) {
+  const char* fn = "inner_adamw_forward";
+  for (auto [name, t] : std::initializer_list<Named>{{"p", &p}, {"g", &g}, {"m", &m}, {"v", &v}}) check_vec(fn, name, *t, p);
+  const Dt dt = param_dt(fn, "p", p);
+  check_dtype(fn, "g", g, p.scalar_type());
+  check_dtype(fn, "m", m, state_type(dt));
+  check_dtype(fn, "v", v, state_type(dt));
+  const Hyper h = adamw_hyper(fn, lr, beta1, beta2, eps, wd, step);
+  at::Tensor p2 = at::empty_like(p), m2 = at::empty_like(m), v2 = at::empty_like(v);
+  Buffers b;
+  b.in[0] = p.data_ptr(); b.in[1] = g.data_ptr(); b.in[2] = m.data_ptr(); b.in[3] = v.data_ptr();
+  b.out[0] = p2.data_ptr(); b.out[1] = m2.data_ptr(); b.out[2] = v2.data_ptr();
+  run(Op::AdamwForward, dt, b, p.numel(), h);
+  return {p2, m2, v2};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> inner_adamw_adjoint(const at::Tensor& p_bar,
+    const at::Tensor& m_bar, const at::Tensor& v_bar, const at::Tensor& g, const at::Tensor& m_new,
+    const at::Tensor& v_new, double lr, double beta1, double beta2, double eps, double wd, int64_t step) {
+  const char* fn = "inner_adamw_adjoint";
+  for (auto [name, t] : std::initializer_list<Named>{{"p_bar", &p_bar}, {"m_bar", &m_bar}, {"v_bar", &v_bar}, {"g", &g},
+                         {"m_new", &m_new}, {"v_new", &v_new}})
+    check_vec(fn, name, *t, g);
+  const Dt dt = param_dt(fn, "g", g);
+  for (auto [name, t] : std::initializer_list<Named>{{"p_bar", &p_bar}, {"m_bar", &m_bar}, {"v_bar", &v_bar},
+                         {"m_new", &m_new}, {"v_new", &v_new}})
+    check_dtype(fn, name, *t, state_type(dt));
+  const Hyper h = adamw_hyper(fn, lr, beta1, beta2, eps, wd, step);
+  at::Tensor gb = at::empty_like(p_bar), pb = at::empty_like(p_bar), mb = at::empty_like(p_bar),
+             vb = at::empty_like(p_bar);
+  Buffers b;
+  b.in[0] = p_bar.data_ptr(); b.in[1] = m_bar.data_ptr(); b.in[2] = v_bar.data_ptr();
+  b.in[3] = g.data_ptr(); b.in[4] = m_new.data_ptr(); b.in[5] = v_new.data_ptr();
+  b.out[0] = gb.data_ptr(); b.out[1] = pb.data_ptr(); b.out[2] = mb.data_ptr(); b.out[3] = vb.data_ptr();
+  run(Op::AdamwAdjoint, dt, b, g.numel(), h);
+  return {gb, pb, mb, vb};
+}
+
+void adamw_step_(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v, double lr,
+                 double beta1, double beta2, double eps, double wd, int64_t step) {
+  const char* fn = "adamw_step_";
+  for (auto [name, t] : std::initializer_list<Named>{{"p", &p}, {"g", &g}, {"m", &m}, {"v", &v}}) check_vec(fn, name, *t, p);
+  const Dt dt = param_dt(fn, "p", p);
+  check_dtype(fn, "g", g, p.scalar_type());
+  check_dtype(fn, "m", m, state_type(dt));
+  check_dtype(fn, "v", v, state_type(dt));
+  const Hyper h = adamw_hyper(fn, lr, beta1, beta2, eps, wd, step);
+  Buffers b;
+  b.in[0] = p.data_ptr(); b.in[1] = g.data_ptr(); b.in[2] = m.data_ptr(); b.in[3] = v.data_ptr();
+  b.out[0] = p.data_ptr(); b.out[1] = m.data_ptr(); b.out[2] = v.data_ptr();
+  run(Op::AdamwForward, dt, b, p.numel(), h);
+}
+
+at::Tensor inner_sgd_forward(const at::Tensor& p, const at::Tensor& g, double lr, double wd) {
+  const char* fn = "inner_sgd_forward";
+  check_vec(fn, "p", p, p);
+  check_vec(fn, "g", g, p);
+  const Dt dt = param_dt(fn, "p", p);
+  check_dtype(fn, "g", g, p.scalar_type());
+  Hyper h;
+  h.lr = lr;
+  h.c = 1.0 - lr * wd;
+  at::Tensor p2 = at::empty_like(p);
+  Buffers b;
+  b.in[0] = p.data_ptr(); b.in[1] = g.data_ptr();
+  b.out[0] = p2.data_ptr();
+  run(Op::SgdForward, dt, b, p.numel(), h);
+  return p2;
+}
+
+std::tuple<at::Tensor, at::Tensor> inner_sgd_adjoint(const at::Tensor& p_bar, double lr, double wd) {
+  const char* fn = "inner_sgd_adjoint";
+  check_vec(fn, "p_bar", p_bar, p_bar);
+  const Dt dt = param_dt(fn, "p_bar", p_bar);
+  TORCH_CHECK(dt != Dt::BF16, fn, ": argument 'p_bar' must have a state dtype (float32 or float64), got ",
+              p_bar.scalar_type());
+  Hyper h;
+  h.lr = lr;
+  h.c = 1.0 - lr * wd;
+  at::Tensor gb = at::empty_like(p_bar), pb = at::empty_like(p_bar);
+  Buffers b;
+  b.in[0] = p_bar.data_ptr();
+  b.out[0] = gb.data_ptr(); b.out[1] = pb.data_ptr();
+  run(Op::SgdAdjoint, dt, b, p_bar.numel(), h);
+  return {gb, pb};
+}
+
+void sgd_step_(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v, double lr,
+               double beta1, double beta2, double wd) {
+  const char* fn = "sgd_step_";
+  for (auto [name, t] : std::initializer_list<Named>{{"p", &p}, {"g", &g}, {"m", &m}, {"v", &v}}) check_vec(fn, name, *t, p);
+  const Dt dt = param_dt(fn, "p", p);
+  check_dtype(fn, "g", g, p.scalar_type());
+  check_dtype(fn, "m", m, state_type(dt));
+  check_dtype(fn, "v", v, state_type(dt));
+  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, fn, ": beta1 must satisfy 0 <= beta1 < 1, got ", beta1);
+  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, fn, ": beta2 must satisfy 0 <= beta2 < 1, got ", beta2);
+  Hyper h;
+  h.lr = lr;
+  h.beta1 = beta1;
+  h.beta2 = beta2;
+  h.c = 1.0 - lr * wd;
+  Buffers b;
+  b.in[0] = p.data_ptr(); b.in[1] = g.data_ptr(); b.in[2] = m.data_ptr(); b.in[3] = v.data_ptr();
+  b.out[0] = p.data_ptr(); b.out[1] = m.data_ptr(); b.out[2] = v.data_ptr();
+  run(Op::SgdStep, dt, b, p.numel(), h);
+}
+
+std::tuple<at::Tensor, at::Tensor> fd_perturb(const at::Tensor& p, const at::Tensor& d, double r) {
+  const char* fn = "fd_perturb";
+  check_vec(fn, "p", p, p);
+  check_vec(fn, "d", d, p);
+  const Dt dt = param_dt(fn, "p", p);
+  check_dtype(fn, "d", d, state_type(dt));
+  Hyper h;
+  h.scale = r;
+  at::Tensor plus = at::empty_like(p), minus = at::empty_like(p);
+  Buffers b;
+  b.in[0] = p.data_ptr(); b.in[1] = d.data_ptr();
+  b.out[0] = plus.data_ptr(); b.out[1] = minus.data_ptr();
+  run(Op::FdPerturb, dt, b, p.numel(), h);
+  return {plus, minus};
+}
+
+void fd_combine_(const at::Tensor& acc, const at::Tensor& g_plus, const at::Tensor& g_minus, double scale) {
+  const char* fn = "fd_combine_";
+  check_vec(fn, "acc", acc, acc);
+  check_vec(fn, "g_plus", g_plus, acc);
+  check_vec(fn, "g_minus", g_minus, acc);
+  const Dt dt = param_dt(fn, "g_plus", g_plus);
+  check_dtype(fn, "g_minus", g_minus, g_plus.scalar_type());
+  check_dtype(fn, "acc", acc, state_type(dt));
+  Hyper h;
+  h.scale = scale;
+  Buffers b;
+  b.in[0] = acc.data_ptr(); b.in[1] = g_plus.data_ptr(); b.in[2] = g_minus.data_ptr();
+  b.out[0] = acc.data_ptr();
+  run(Op::FdCombine, dt, b, acc.numel(), h);
+}
+
+std::string cpu_variant() { return variant_name(); }
+
+}  // namespace
+}  // namespace mamlen::cpu
+
+// The schemas are defined in Python (kernels/_dispatch.py) before this library is loaded; the impl
+// registration checks each function signature against its schema.
+TORCH_LIBRARY_IMPL(mamlen, CPU, m) {
+  using namespace mamlen::cpu;
+  m.impl("inner_adamw_forward", &inner_adamw_forward);
+  m.impl("inner_adamw_adjoint", &inner_adamw_adjoint);
+  m.impl("adamw_step_", &adamw_step_);
+  m.impl("inner_sgd_forward", &inner_sgd_forward);
+  m.impl("inner_sgd_adjoint", &inner_sgd_adjoint);
+  m.impl("sgd_step_", &sgd_step_);
+  m.impl("fd_perturb", &fd_perturb);
+  m.impl("fd_combine_", &fd_combine_);
+}
+
+// Which SIMD variant the kernels run (for tests and benchmark reports): torch.ops.mamlen_info.cpu_variant()
+TORCH_LIBRARY(mamlen_info, m) { m.def("cpu_variant() -> str", &mamlen::cpu::cpu_variant); }
