@@ -141,9 +141,14 @@ def _available(backend, device):
         if device.type != "cpu":
             return False, "the C++ kernels run on CPU tensors only"
         return CPP_AVAILABLE, _CPP_ERROR or ""
-    if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+    if device.type == "cuda":
         return bool(_triton()), "triton is not importable"
-    return False, "triton runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1)"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        tr = _triton()
+        if not tr:
+            return False, "triton is not importable"
+        return tr.ops.INTERPRETED, "mamlen.kernels.triton was imported before TRITON_INTERPRET=1 was set"
+    return False, "triton runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1)"
 
 
 def backend_for(tensor: torch.Tensor) -> str:

@@ -14,6 +14,10 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "kernels.h"
 
@@ -54,6 +58,21 @@ void run(Op op, Dt dt, const Buffers& buf, int64_t n, const Hyper& h) {
   at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
     fn(op, dt, buf, b0 * kBlock, std::min(n, b1 * kBlock), h);
   });
+}
+
+// A fresh output of an out-of-place op. Large CPU allocations are new mmap'd pages, and first-touch page
+// faults (4 KiB each) cost more than the arithmetic: measured 5x slower than the in-place op at 2^24 floats.
+// Asking for transparent huge pages on the 2 MiB-aligned interior (THP mode "madvise" is the common
+// default) cuts the faults 512x; where THP is off or unsupported madvise fails harmlessly.
+at::Tensor new_output(const at::Tensor& like) {
+  at::Tensor t = at::empty_like(like);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t lo = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t begin = (lo + kHuge - 1) & ~(kHuge - 1), end = (lo + t.nbytes()) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+  return t;
 }
 
 // ---- input checks (the Python wrappers check too; these guard direct torch.ops.mamlen calls) ----------
@@ -116,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> inner_adamw_forward(const at::Ten
   check_dtype(fn, "m", m, state_type(dt));
   check_dtype(fn, "v", v, state_type(dt));
   const Hyper h = adamw_hyper(fn, lr, beta1, beta2, eps, wd, step);
-  at::Tensor p2 = at::empty_like(p), m2 = at::empty_like(m), v2 = at::empty_like(v);
+  at::Tensor p2 = new_output(p), m2 = new_output(m), v2 = new_output(v);
   Buffers b;
   b.in[0] = p.data_ptr(); b.in[1] = g.data_ptr(); b.in[2] = m.data_ptr(); b.in[3] = v.data_ptr();
   b.out[0] = p2.data_ptr(); b.out[1] = m2.data_ptr(); b.out[2] = v2.data_ptr();
@@ -136,8 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> inner_adamw_adjoint(c
                          {"m_new", &m_new}, {"v_new", &v_new}})
     check_dtype(fn, name, *t, state_type(dt));
   const Hyper h = adamw_hyper(fn, lr, beta1, beta2, eps, wd, step);
-  at::Tensor gb = at::empty_like(p_bar), pb = at::empty_like(p_bar), mb = at::empty_like(p_bar),
-             vb = at::empty_like(p_bar);
+  at::Tensor gb = new_output(p_bar), pb = new_output(p_bar), mb = new_output(p_bar), vb = new_output(p_bar);
   Buffers b;
   b.in[0] = p_bar.data_ptr(); b.in[1] = m_bar.data_ptr(); b.in[2] = v_bar.data_ptr();
   b.in[3] = g.data_ptr(); b.in[4] = m_new.data_ptr(); b.in[5] = v_new.data_ptr();
@@ -170,7 +188,7 @@ at::Tensor inner_sgd_forward(const at::Tensor& p, const at::Tensor& g, double lr
   Hyper h;
   h.lr = lr;
   h.c = 1.0 - lr * wd;
-  at::Tensor p2 = at::empty_like(p);
+  at::Tensor p2 = new_output(p);
   Buffers b;
   b.in[0] = p.data_ptr(); b.in[1] = g.data_ptr();
   b.out[0] = p2.data_ptr();
@@ -187,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor> inner_sgd_adjoint(const at::Tensor& p_bar, do
   Hyper h;
   h.lr = lr;
   h.c = 1.0 - lr * wd;
-  at::Tensor gb = at::empty_like(p_bar), pb = at::empty_like(p_bar);
+  at::Tensor gb = new_output(p_bar), pb = new_output(p_bar);
   Buffers b;
   b.in[0] = p_bar.data_ptr();
   b.out[0] = gb.data_ptr(); b.out[1] = pb.data_ptr();
@@ -224,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor> fd_perturb(const at::Tensor& p, const at::Ten
   check_dtype(fn, "d", d, state_type(dt));
   Hyper h;
   h.scale = r;
-  at::Tensor plus = at::empty_like(p), minus = at::empty_like(p);
+  at::Tensor plus = new_output(p), minus = new_output(p);
   Buffers b;
   b.in[0] = p.data_ptr(); b.in[1] = d.data_ptr();
   b.out[0] = plus.data_ptr(); b.out[1] = minus.data_ptr();
