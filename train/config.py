@@ -233,6 +233,9 @@ class TrainConfig(_Section):
     """Meta-steps to run (a resumed run continues up to this step)."""
     seed: int = 0
     """Seed of task sampling (a function of (seed, step) only) and of the RNGs (dropout)."""
+    num_threads: int | None = None
+    """torch intra-op threads per process; null = torch's default (torchrun sets OMP_NUM_THREADS=1 per rank).
+    Tiny models run fastest on 1 thread, especially on a busy machine."""
     max_consecutive_skips: int = 10
     """Stop the run after this many consecutive steps skipped for a non-finite loss or meta-gradient."""
     nan_steps: list[int] = field(default_factory=list)
@@ -242,6 +245,7 @@ class TrainConfig(_Section):
         self._require(self.tasks_per_step >= 1, "tasks_per_step", "must be >= 1")
         self._require(self.batch_size >= 1, "batch_size", "must be >= 1")
         self._require(self.max_steps >= 0, "max_steps", "must be >= 0")
+        self._require(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be >= 1")
         self._require(self.max_consecutive_skips >= 1, "max_consecutive_skips", "must be >= 1")
 
 
@@ -311,6 +315,8 @@ class EvalConfig(_Section):
     """Sequences per scoring batch."""
     max_len: int | None = None
     """Tokens per evaluation sequence; null = data.max_len."""
+    max_queries: int | None = None
+    """Score only the first this many test queries of each task and seed (null: all); keeps evaluation cheap."""
 
     def _check(self):
         self._require(self.every >= 0, "every", "must be >= 0")
@@ -318,6 +324,7 @@ class EvalConfig(_Section):
         self._require(len(self.seeds) >= 1, "seeds", "must not be empty")
         self._require(self.batch_size >= 1, "batch_size", "must be >= 1")
         self._require(self.max_len is None or self.max_len >= 16, "max_len", "must be >= 16")
+        self._require(self.max_queries is None or self.max_queries >= 1, "max_queries", "must be >= 1")
 
     @property
     def enabled(self) -> bool:
@@ -515,6 +522,27 @@ def from_args(args: argparse.Namespace) -> Config:
 def load(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
     args = parser().parse_args(argv)
     return from_args(args), args
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+# fields a resumed run may change without changing what is computed
+RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.max_consecutive_skips", "train.nan_steps",
+                     "checkpoint.", "eval.", "log.")
+
+
+def differences(old_yaml: str, cfg: Config) -> list[str]:
+    """Dotted fields whose value differs from a checkpoint's config, ignoring RESUMABLE_CHANGES."""
+    old, new = _flatten(yaml.safe_load(old_yaml) or {}), _flatten(yaml.safe_load(to_yaml(cfg)))
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys
+            if old.get(k) != new.get(k) and not any(k == r or (r.endswith(".") and k.startswith(r))
+                                                    for r in RESUMABLE_CHANGES)]
 
 
 def to_yaml(cfg: Config) -> str:

@@ -106,21 +106,28 @@ class Logger:
                        f" | {m.get('tokens_per_s', 0):.0f} tok/s | {m.get('peak_mem_gb', 0):.2f} GiB"
                        + (" | SKIPPED (non-finite)" if m.get("skipped") else ""))
 
-    def eval(self, step: int, result: dict, tag: str = "eval") -> None:
-        """Record an evaluation (evaluate.evaluate's result) at `step`."""
+    def eval(self, step: int, summary: dict, tag: str = "eval") -> None:
+        """Record an evaluation summary {"tasks": {task: mean score}, "macro": {"mean", "worst"}} at `step`."""
         if not self.enabled:
             return
-        rec = {"step": step, "tag": tag, "macro": result.get("macro"),
-               "tasks": {t: r.get("mean") if isinstance(r, dict) else r for t, r in result.get("tasks", {}).items()}}
-        self.evals.write(json.dumps(rec, default=_json_value) + "\n")
+        self.evals.write(json.dumps({"step": step, "tag": tag, **summary}, default=_json_value) + "\n")
         self.evals.flush()
-        macro = result.get("macro") or {}
+        macro = summary["macro"]
         if self.tb is not None:
             for k, v in macro.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"eval/{k}", v, step)
-        self.write(f"eval @ step {step}: macro mean {macro.get('mean', math.nan):.4f}, "
-                   f"worst {macro.get('worst', math.nan):.4f} over {len(result.get('tasks', {}))} tasks")
+                self.tb.add_scalar(f"eval/{k}", v, step)
+        self.write(f"eval ({tag}) @ step {step}: macro mean {macro['mean']:.4f}, worst {macro['worst']:.4f} "
+                   f"over {len(summary['tasks'])} tasks")
+
+    def find_eval(self, tag: str) -> dict | None:
+        """The last recorded evaluation with this tag (e.g. "before" from a run that was later resumed)."""
+        found = None
+        if self.enabled and (self.dir / EVALS).exists():
+            for line in (self.dir / EVALS).read_text().splitlines():
+                rec = json.loads(line)
+                if rec.get("tag") == tag:
+                    found = rec
+        return found
 
     def close(self) -> None:
         if not self.enabled:

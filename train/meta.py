@@ -43,6 +43,8 @@ def build(cfg: config.Config, rank: int, world: int, device: torch.device):
     if cfg.train.tasks_per_step < world:
         raise config.ConfigError(f"train.tasks_per_step: {cfg.train.tasks_per_step} tasks cannot be split over "
                                  f"{world} ranks (need at least one task per rank)")
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.train.seed)  # identical random init on every rank for models built from a config
     model, tok = models.load_model(cfg.model.name, dtype=getattr(torch, cfg.model.dtype))
     model.to(device).train(cfg.model.dropout)
@@ -68,24 +70,22 @@ def run_eval(cfg, model, tok, log, step, tag):
     data_dir = cfg.data.data_dir or data.DEFAULT_DATA_DIR
     tasks = cfg.eval.tasks or data.load_setting(data_dir, cfg.data.setting)[cfg.eval.split]
     rng = checkpoint.rng_state()
-    model.eval()
     result = evaluate.evaluate(model, tok, data_dir, tasks, k=cfg.eval.k, seeds=tuple(cfg.eval.seeds),
                                method=cfg.data.method, batch_size=cfg.eval.batch_size,
-                               max_len=cfg.eval.max_len or cfg.data.max_len, progress=cfg.log.progress)
+                               max_len=cfg.eval.max_len or cfg.data.max_len, max_queries=cfg.eval.max_queries,
+                               progress=cfg.log.progress)
     model.train(cfg.model.dropout)
     checkpoint.set_rng_state(rng)
-    log.eval(step, result, tag)
-    return result
+    summary = {"tasks": {t: r["mean"] for t, r in result["tasks"].items()}, "macro": result["macro"]}
+    log.eval(step, summary, tag)
+    return summary
 
 
 def side_by_side(before: dict, after: dict) -> str:
-    rows = [f"{'task':32s} {'before':>8s} {'after':>8s} {'change':>8s}"]
-    for t in sorted(after["tasks"]):
-        b, a = before["tasks"].get(t, {}).get("mean", float("nan")), after["tasks"][t]["mean"]
-        rows.append(f"{t:32s} {b:8.4f} {a:8.4f} {a - b:+8.4f}")
-    for k in ("mean", "worst"):
-        b, a = before["macro"][k], after["macro"][k]
-        rows.append(f"{'macro ' + k:32s} {b:8.4f} {a:8.4f} {a - b:+8.4f}")
+    rows = [f"{'task':40s} {'before':>8s} {'after':>8s} {'change':>8s}"]
+    pairs = [(t, before["tasks"].get(t, float("nan")), after["tasks"][t]) for t in sorted(after["tasks"])]
+    pairs += [(f"macro {k}", before["macro"][k], after["macro"][k]) for k in ("mean", "worst")]
+    rows += [f"{t:40s} {b:8.4f} {a:8.4f} {a - b:+8.4f}" for t, b, a in pairs]
     return "\n".join(rows)
 
 
@@ -109,6 +109,9 @@ def train(cfg: config.Config, rank: int = 0, world: int = 1, device=torch.device
                  progress=cfg.log.progress, tensorboard=cfg.log.tensorboard, log_every=cfg.log.every)
     if ck is not None:
         log.write(f"resumed from {ck.path} at step {start}")
+        changed = config.differences(ck.config_yaml(), cfg)
+        if changed:
+            log.write("warning: the config differs from the checkpoint's: " + "; ".join(changed))
     before = run_eval(cfg, model, tok, log, 0, "before") if cfg.eval.before and start == 0 and rank == 0 else None
 
     def save(step):
@@ -158,6 +161,7 @@ def train(cfg: config.Config, rank: int = 0, world: int = 1, device=torch.device
             run_eval(cfg, model, tok, log, step, "periodic")
     if status == 0 and cfg.eval.after and rank == 0:
         after = run_eval(cfg, model, tok, log, step, "after")
+        before = before or log.find_eval("before")  # a resumed run reads it back from eval.jsonl
         if before is not None:
             log.write("unseen tasks, before vs after meta-training:\n" + side_by_side(before, after))
     log.close()
