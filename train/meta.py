@@ -90,10 +90,10 @@ def side_by_side(before: dict, after: dict) -> str:
 
 
 def train(cfg: config.Config, rank: int = 0, world: int = 1, device=torch.device("cpu")) -> int:
-    model, tok, engine, mcfg, sampler = build(cfg, rank, world, device)
     ck = checkpoint.latest(cfg.output_dir, warn=print if rank == 0 else lambda m: None)
     if ck is None and cfg.checkpoint.resume == "require":
         raise SystemExit(f"--resume: no usable checkpoint in {cfg.output_dir}")
+    model, tok, engine, mcfg, sampler = build(cfg, rank, world, device)
     start, skips = 0, 0
     if ck is not None:
         ck.load_model_(model)
