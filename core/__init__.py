@@ -1,1 +1,18 @@
-"""The meta-learning engine on any Hugging Face causal LM."""
+"""The meta-learning engine on any Hugging Face causal LM.
+
+    from mamlen.core import MetaConfig, MetaEngine, Task
+    engine = MetaEngine(model, MetaConfig(hvp="exact", inner_lr=1e-4, outer_lr=1e-5))
+    metrics = engine.step([Task(support=[batch], query=batch2), ...])
+"""
+from mamlen.core.arena import ParamArena
+from mamlen.core.config import HVP_MODES, MetaConfig
+from mamlen.core.engine import MetaEngine, Task
+from mamlen.core.loss import causal_lm_loss
+
+try:  # the second-order attention registers itself with transformers as "mamlen"
+    from mamlen.core import tiled_attention as _tiled_attention
+    _tiled_attention.register()
+except ImportError:  # not built yet in this checkout
+    pass
+
+__all__ = ["MetaConfig", "MetaEngine", "Task", "ParamArena", "causal_lm_loss", "HVP_MODES"]

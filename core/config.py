@@ -1,0 +1,93 @@
+"""MetaConfig: every knob of the meta-step (DESIGN.md "The meta-step" names in brackets)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+
+INNER_OPTIMIZERS = ("adamw", "sgd")
+OUTER_OPTIMIZERS = ("adamw", "sgd")
+MOMENTS = ("shared", "separate")
+HVP_MODES = ("exact", "mixed", "fd", "first_order")
+INNER_GRAPHS = ("recompute", "keep")
+
+
+@dataclass(kw_only=True)
+class MetaConfig:
+    inner_optimizer: str = "adamw"
+    """Optimizer of the adaptation step: "adamw" (the paper) or "sgd" (classic MAML)."""
+    inner_lr: float = 1e-5
+    """Inner learning rate [α]."""
+    inner_steps: int = 1
+    """Inner steps per task [K ≥ 1]; a task brings K support batches, or one that is reused K times."""
+    inner_weight_decay: float = 0.0
+    """Decoupled weight decay of the inner step [λᵢ]."""
+    outer_optimizer: str = "adamw"
+    """Optimizer of the meta-update: "adamw" (the paper) or "sgd" (moments are still updated, see DESIGN.md)."""
+    outer_lr: float = 1e-5
+    """Outer learning rate [β]."""
+    outer_weight_decay: float = 0.0
+    """Decoupled weight decay of the outer step [λₒ]."""
+    betas: tuple = (0.9, 0.999)
+    """AdamW (β1, β2), shared by the inner and the outer optimizer."""
+    eps: float = 1e-8
+    """AdamW ε, shared by the inner and the outer optimizer."""
+    moments: str = "shared"
+    """"shared": the inner AdamW starts from the outer moments m, v and step t (MAML-en-LLM);
+    "separate": it starts from zero moments at t = 0 for every task."""
+    hvp: str = "exact"
+    """How H·ḡ is computed: "exact" (reverse-over-reverse), "mixed" (forward-over-reverse), "fd" (central
+    finite difference of gradients), "first_order" (dropped). See core/hvp.py."""
+    fd_eps: float = 1e-3
+    """fd mode: the probe step is r = fd_eps / ‖ḡ‖ (in parameter units: the perturbation's norm is fd_eps)."""
+    inner_graph: str = "recompute"
+    """exact mode: "recompute" re-evaluates each support gradient with its graph during the reverse pass, so at
+    most one second-order graph is alive at a time; "keep" builds it in the forward pass and holds it (one
+    gradient evaluation less per inner step, more memory: every step's graph plus the query's activations)."""
+    checkpointing: bool = False
+    """Non-reentrant activation checkpointing of every transformer block (composes with every mode)."""
+    autocast_dtype: Optional[torch.dtype] = None
+    """Run the model's compute under torch.autocast with this dtype (e.g. torch.bfloat16); parameters,
+    moments and all elementwise stages stay in their own dtype."""
+    attn_implementation: Optional[str] = None
+    """None: chosen per mode by core/attention.py (a double-backward-capable attention for exact/mixed, the
+    fastest first-order kernel otherwise). A string forces a transformers attention implementation."""
+    max_grad_norm: Optional[float] = None
+    """If set, the meta-gradient (or MetaICL gradient) is scaled to at most this global L2 norm before the outer step."""
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+        self.validate()
+
+    def validate(self):
+        """Raise ValueError naming the field for any bad value (called on construction; call again after edits)."""
+        def choice(name, allowed):
+            val = getattr(self, name)
+            if val not in allowed:
+                raise ValueError(f"MetaConfig.{name}: {val!r} is not one of {', '.join(map(repr, allowed))}")
+
+        choice("inner_optimizer", INNER_OPTIMIZERS)
+        choice("outer_optimizer", OUTER_OPTIMIZERS)
+        choice("moments", MOMENTS)
+        choice("hvp", HVP_MODES)
+        choice("inner_graph", INNER_GRAPHS)
+        for name in ("inner_lr", "outer_lr", "inner_weight_decay", "outer_weight_decay", "eps"):
+            val = getattr(self, name)
+            if not isinstance(val, (int, float)) or not val >= 0 or val == float("inf"):
+                raise ValueError(f"MetaConfig.{name}: must be a finite number ≥ 0, got {val!r}")
+        if not isinstance(self.inner_steps, int) or self.inner_steps < 1:
+            raise ValueError(f"MetaConfig.inner_steps: must be an integer ≥ 1, got {self.inner_steps!r}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"MetaConfig.betas: must be two numbers in [0, 1), got {self.betas!r}")
+        if not self.fd_eps > 0:
+            raise ValueError(f"MetaConfig.fd_eps: must be > 0, got {self.fd_eps!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"MetaConfig.max_grad_norm: must be > 0 or None, got {self.max_grad_norm!r}")
+        if self.autocast_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"MetaConfig.autocast_dtype: must be None, torch.bfloat16 or torch.float16, "
+                             f"got {self.autocast_dtype!r}")
+
+    @classmethod
+    def field_names(cls):
+        return [f.name for f in fields(cls)]

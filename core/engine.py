@@ -1,0 +1,258 @@
+"""MetaEngine: the MAML-en-LLM meta-step on any Hugging Face causal LM (DESIGN.md "The meta-step").
+
+Per task i (support batches S_1..S_K, query Q), starting from φ_0 = θ and the shared moments m, v:
+
+    forward   for j = 1..K:  g_j = ∇L_{S_j}(φ_{j-1});  (φ_j, m_j, v_j) = inner AdamW step      [kernels]
+              p̄ = ∇L_Q(φ_K)                                   (first-order: no graph kept)
+    reverse   for j = K..1:  (ḡ, c·p̄, m̄, v̄) = adjoint of step j                              [kernels]
+                             p̄ = c·p̄ + H_{S_j}(φ_{j-1}) ḡ        (core/hvp.py, per mode)
+              G_i = p̄
+    G = mean_i G_i (all ranks);  outer AdamW/SGD on θ, m, v, t                                  [kernels]
+
+Memory: per task the forward keeps, per inner step, φ_{j-1} (for j ≥ 2), g_j, m_j, v_j as flat buffers —
+4 parameter-sized buffers per step — and no autograd graph (inner_graph="recompute"); the reverse pass frees
+them as it goes. At most one second-order graph is alive at any time.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from mamlen import kernels
+from mamlen.core import activation_checkpoint, attention, distributed, forward_ad, hvp
+from mamlen.core.arena import ParamArena
+from mamlen.core.config import MetaConfig
+from mamlen.core.loss import Objective, RngState, count_targets
+
+
+@dataclass
+class Task:
+    """One task of a meta-batch: `support` holds K batches (or one, reused for all K inner steps), `query` one.
+    Batches are HF dicts: input_ids, attention_mask, labels (-100 outside the target)."""
+    support: list
+    query: dict
+    name: Optional[str] = field(default=None)
+
+
+def _sd(dtype):
+    return kernels.state_dtype(dtype)
+
+
+class MetaEngine:
+    """Meta-gradients and meta-steps for `model` with the optimizer state (step, exp_avg, exp_avg_sq) it owns.
+
+    Building the engine packs the model's trainable parameters into flat buffers (the model stays usable as
+    before: its parameters are views into them), chooses the attention implementation for `config.hvp`
+    (core/attention.py) and applies activation checkpointing if asked.
+    """
+
+    def __init__(self, model, config: Optional[MetaConfig] = None, *, loss_fn: Optional[Callable] = None,
+                 process_group=None):
+        self.model = model
+        self.config = config or MetaConfig()
+        self.config.validate()
+        self.group = process_group
+        self.attn_implementation = attention.configure(model, self.config.hvp, self.config.attn_implementation)
+        if self.config.hvp == "mixed":
+            forward_ad.make_forward_differentiable(model)
+        if self.config.checkpointing:
+            activation_checkpoint.enable(model)
+        self.arena = ParamArena(model)
+        self.obj = Objective(model, self.arena, loss_fn, self.config.autocast_dtype)
+        self.step_count = 0
+        self.exp_avg = self.arena.new(_sd)
+        self.exp_avg_sq = self.arena.new(_sd)
+
+    # -- public API ---------------------------------------------------------------------------------------
+    def meta_gradient(self, tasks: list[Task]) -> dict[str, torch.Tensor]:
+        """G = mean over tasks (over all ranks when distributed) of dL_Q(φ_K)/dθ. Mutates nothing."""
+        G, stats = self._meta_gradient(tasks)
+        return self.arena.views(G)
+
+    def step(self, tasks: list[Task]) -> dict:
+        """One meta-step: the meta-gradient, then the outer update of θ and the shared moments.
+        A non-finite loss or meta-gradient skips the update (θ, m, v, step untouched): metrics["skipped"]."""
+        t0 = time.perf_counter()
+        G, stats = self._meta_gradient(tasks)
+        return self._outer(G, stats, t0)
+
+    def metaicl_step(self, batches: list[dict]) -> dict:
+        """MetaICL baseline: θ ← AdamW(θ, ∇ mean_i L_{B_i}(θ)) on the same moments object."""
+        t0 = time.perf_counter()
+        if not batches:
+            raise ValueError("metaicl_step: no batches")
+        self.arena.check_bound()
+        G = self.arena.new(_sd)
+        loss_sum, tokens = 0.0, 0
+        for batch in batches:  # one backward per batch: peak memory of a single batch
+            batch = self.obj.to_device(batch)
+            loss, g = hvp.gradient(self.obj, self.arena.flats, batch, RngState(self.arena.device))
+            for acc, gi in zip(G, g):
+                acc.add_(gi)
+            loss_sum += float(loss)
+            tokens += count_targets(batch)
+        stats = torch.tensor([len(batches), loss_sum, loss_sum, tokens], dtype=torch.float64,
+                             device=self.arena.device)
+        distributed.all_reduce_sum_(G + [stats], self.group)
+        for acc in G:
+            acc.div_(stats[0].item())
+        return self._outer(G, stats, t0)
+
+    def optimizer_state(self) -> dict:
+        """{"step": int, "exp_avg": {name: T}, "exp_avg_sq": {name: T}} — copies, safe to save."""
+        return {"step": self.step_count,
+                "exp_avg": {n: t.clone() for n, t in self.arena.views(self.exp_avg).items()},
+                "exp_avg_sq": {n: t.clone() for n, t in self.arena.views(self.exp_avg_sq).items()}}
+
+    def load_optimizer_state(self, state: dict) -> None:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            if key not in state:
+                raise KeyError(f"load_optimizer_state: missing {key!r}")
+        step = int(state["step"])
+        if step < 0:
+            raise ValueError(f"load_optimizer_state: step must be ≥ 0, got {step}")
+        m = self.arena.flatten(state["exp_avg"], _sd)
+        v = self.arena.flatten(state["exp_avg_sq"], _sd)
+        if any(bool((x < 0).any()) for x in v):
+            raise ValueError("load_optimizer_state: exp_avg_sq has negative entries")
+        for dst, src in zip(self.exp_avg + self.exp_avg_sq, m + v):
+            dst.copy_(src)
+        self.step_count = step
+
+    # -- the meta-gradient --------------------------------------------------------------------------------
+    def _meta_gradient(self, tasks):
+        if not tasks:
+            raise ValueError("meta_gradient: no tasks")
+        self.config.validate()
+        self.arena.check_bound()
+        G = self.arena.new(_sd)
+        q_sum = s_sum = 0.0
+        tokens = 0
+        for i, task in enumerate(tasks):
+            q_loss, s_loss, n_tok = self._task_gradient_into(task, G, i)
+            q_sum, s_sum, tokens = q_sum + q_loss, s_sum + s_loss, tokens + n_tok
+        # [tasks, query-loss sum, support-loss sum, tokens]: reduced with G in the same sync
+        stats = torch.tensor([len(tasks), q_sum, s_sum, tokens], dtype=torch.float64, device=self.arena.device)
+        distributed.all_reduce_sum_(G + [stats], self.group)
+        for acc in G:
+            acc.div_(stats[0].item())
+        return G, stats
+
+    def _support(self, task, i):
+        K = self.config.inner_steps
+        if not isinstance(task, Task):
+            raise TypeError(f"task {i}: expected mamlen.core.Task, got {type(task).__name__}")
+        if len(task.support) == 1:
+            return [self.obj.to_device(task.support[0])] * K
+        if len(task.support) != K:
+            raise ValueError(f"task {i}{' (' + task.name + ')' if task.name else ''}: {len(task.support)} "
+                             f"support batches for inner_steps={K}; give {K} or 1 (reused)")
+        return [self.obj.to_device(b) for b in task.support]
+
+    def _task_gradient_into(self, task: Task, G, i):
+        """G += G_i; returns (query loss, first support loss, target tokens)."""
+        cfg, obj = self.config, self.obj
+        b1, b2 = cfg.betas
+        supports = self._support(task, i)
+        query = obj.to_device(task.query)
+        adamw = cfg.inner_optimizer == "adamw"
+        if cfg.moments == "shared":
+            m, v, t0 = self.exp_avg, self.exp_avg_sq, self.step_count
+        else:
+            m, v, t0 = self.arena.new(_sd), self.arena.new(_sd), 0
+        keep = cfg.hvp == "exact" and cfg.inner_graph == "keep"
+
+        # forward: K inner steps. tape[j] = (φ_{j-1}, g_j, m_j, v_j, rng_j, kept graph)
+        phi = self.arena.flats
+        tape = []
+        s_first = None
+        for j, batch in enumerate(supports, start=1):
+            rng = RngState(self.arena.device)
+            if keep:
+                loss, g_graph, leaves = hvp.gradient(obj, phi, batch, rng, create_graph=True)
+                g = [x.detach() for x in g_graph]
+                kept = (g_graph, leaves)
+            else:
+                loss, g = hvp.gradient(obj, phi, batch, rng)
+                kept = None
+            s_first = float(loss) if s_first is None else s_first
+            if adamw:
+                step = t0 + j
+                new = [kernels.inner_adamw_forward(p, gi, mi, vi, lr=cfg.inner_lr, beta1=b1, beta2=b2, eps=cfg.eps,
+                                                   weight_decay=cfg.inner_weight_decay, step=step)
+                       for p, gi, mi, vi in zip(phi, g, m, v)]
+                phi_new, m, v = [list(x) for x in zip(*new)]
+            else:
+                phi_new = [kernels.inner_sgd_forward(p, gi, lr=cfg.inner_lr, weight_decay=cfg.inner_weight_decay)
+                           for p, gi in zip(phi, g)]
+            tape.append((phi, g, m if adamw else None, v if adamw else None, rng, kept))
+            phi = phi_new
+
+        # query gradient at φ_K: first-order only
+        q_loss, p_bar = hvp.gradient(obj, phi, query, RngState(self.arena.device))
+        del phi
+        p_bar = [x.to(_sd(x.dtype)) for x in p_bar]
+
+        # reverse recursion
+        m_bar = [torch.zeros_like(x) for x in p_bar] if adamw else None
+        v_bar = [torch.zeros_like(x) for x in p_bar] if adamw else None
+        for j in range(len(supports), 0, -1):
+            phi_prev, g, m_j, v_j, rng, kept = tape.pop()
+            if adamw:
+                outs = [kernels.inner_adamw_adjoint(pb, mb, vb, gi, mi, vi, lr=cfg.inner_lr, beta1=b1, beta2=b2,
+                                                    eps=cfg.eps, weight_decay=cfg.inner_weight_decay, step=t0 + j)
+                        for pb, mb, vb, gi, mi, vi in zip(p_bar, m_bar, v_bar, g, m_j, v_j)]
+                g_bar, p_bar, m_bar, v_bar = [list(x) for x in zip(*outs)]
+            else:
+                outs = [kernels.inner_sgd_adjoint(pb, lr=cfg.inner_lr, weight_decay=cfg.inner_weight_decay)
+                        for pb in p_bar]
+                g_bar, p_bar = [list(x) for x in zip(*outs)]
+            del g, m_j, v_j  # this step's tape entries are no longer needed
+            batch = supports[j - 1]
+            if cfg.hvp == "exact":
+                hv = hvp.hvp_exact(obj, phi_prev, batch, rng, g_bar, kept=kept)
+                del kept
+            elif cfg.hvp == "mixed":
+                hv = hvp.hvp_mixed(obj, phi_prev, batch, rng, g_bar)
+            elif cfg.hvp == "fd":
+                hvp.hvp_fd_into(obj, phi_prev, batch, rng, g_bar, p_bar, fd_eps=cfg.fd_eps)
+                hv = None
+            else:
+                hv = None
+            if hv is not None:
+                for pb, h in zip(p_bar, hv):
+                    pb.add_(h)
+            del phi_prev, g_bar, hv
+        for acc, gi in zip(G, p_bar):
+            acc.add_(gi)
+        return float(q_loss), s_first, count_targets(query) + sum(count_targets(b) for b in supports)
+
+    # -- the outer update ---------------------------------------------------------------------------------
+    def _outer(self, G, stats, t0) -> dict:
+        cfg = self.config
+        n_tasks, q_sum, s_sum, tokens = stats.tolist()
+        loss, support_loss = q_sum / n_tasks, s_sum / n_tasks
+        norm = hvp.global_norm(G)
+        finite = math.isfinite(loss) and math.isfinite(support_loss) and math.isfinite(norm)
+        metrics = {"loss": loss, "support_loss": support_loss, "grad_norm": norm, "tokens": int(tokens),
+                   "skipped": not finite}
+        if finite:
+            if cfg.max_grad_norm is not None and norm > cfg.max_grad_norm:
+                for g in G:
+                    g.mul_(cfg.max_grad_norm / norm)
+            b1, b2 = cfg.betas
+            self.step_count += 1
+            for p, g, m, v in zip(self.arena.flats, G, self.exp_avg, self.exp_avg_sq):
+                if cfg.outer_optimizer == "adamw":
+                    kernels.adamw_step_(p, g, m, v, lr=cfg.outer_lr, beta1=b1, beta2=b2, eps=cfg.eps,
+                                        weight_decay=cfg.outer_weight_decay, step=self.step_count)
+                else:
+                    kernels.sgd_step_(p, g, m, v, lr=cfg.outer_lr, beta1=b1, beta2=b2,
+                                      weight_decay=cfg.outer_weight_decay)
+        metrics["step"] = self.step_count
+        metrics["seconds"] = time.perf_counter() - t0
+        return metrics

@@ -1,0 +1,71 @@
+"""The loss of a batch, and evaluating it at arbitrary flat weights with reproducible randomness."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from mamlen.core.arena import ParamArena
+
+
+def causal_lm_loss(model, batch: dict) -> torch.Tensor:
+    """Mean next-token cross-entropy over labels ≠ -100: `model(**batch).loss`'s convention (HF shifts labels
+    inside the model), computed in max(float32, logits dtype) — HF always uses float32, which would make a
+    float64 model's meta-gradient only float32-accurate."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+    logits = out.logits
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    labels = batch["labels"]
+    # (B, T-1, V) predicts tokens 1..T-1
+    shift_logits = logits[:, :-1, :].reshape(-1, logits.size(-1))
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    n = (shift_labels != -100).sum()
+    if n == 0:
+        raise ValueError("batch has no target token (every label is -100): its loss is undefined")
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum") / n
+
+
+def count_targets(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+class RngState:
+    """The RNG state before a loss was first evaluated, so recomputations (checkpointing, the two fd points, the
+    reverse pass's re-evaluation) draw the same dropout masks."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.accel = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def replay(self):
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # restores the caller's state afterwards
+            torch.set_rng_state(self.cpu)
+            if self.accel is not None:
+                torch.cuda.set_rng_state(self.accel, self.device)
+            yield
+
+
+class Objective:
+    """L(φ) for a batch: binds flat weights φ into the model, runs it under autocast, returns the scalar loss."""
+
+    def __init__(self, model, arena: ParamArena, loss_fn: Optional[Callable] = None,
+                 autocast_dtype: Optional[torch.dtype] = None):
+        self.model, self.arena = model, arena
+        self.loss_fn = loss_fn or causal_lm_loss
+        self.autocast_dtype = autocast_dtype
+
+    def to_device(self, batch: dict) -> dict:
+        dev = self.arena.device
+        return {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        """Loss with whatever weights are currently bound (call inside `arena.bind`)."""
+        if self.autocast_dtype is None:
+            return self.loss_fn(self.model, batch)
+        with torch.autocast(self.arena.device.type, dtype=self.autocast_dtype):
+            return self.loss_fn(self.model, batch)
