@@ -72,7 +72,11 @@ setup(
     python_requires=">=3.10",
     packages=PKGS,
     package_dir=DIRS,
-    package_data={"mamlen.kernels": ["csrc/*.cpp", "csrc/*.h"]},
+    package_data={
+        "mamlen.kernels": ["csrc/*.cpp", "csrc/*.h"],
+        # the shipped task suite, presets and tokenizer assets are read at run time from the package
+        "mamlen.train": ["suite/**/*", "presets/*.yaml", "assets/*"],
+    },
     ext_modules=[CMakeExtension("mamlen.kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[
