@@ -1,5 +1,5 @@
 // CPU kernels of the mamlen::* ops (schemas: kernels/_dispatch.py). This file checks every input, allocates
-// outputs, splits the elements over threads (ATen's OpenMP pool, at::parallel_for) and hands each chunk
+// outputs, splits the elements over threads (OpenMP, dynamic chunks: see run()) and hands each chunk
 // to the SIMD loops of fused_kernels.cpp for the CPU capability picked at run time.
 //
 // Capability scheme: fused_kernels.cpp is compiled for DEFAULT (any x86-64 / other CPU), AVX2+FMA and
@@ -13,8 +13,13 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -47,17 +52,29 @@ const char* variant_name() {
   return "default";
 }
 
-// Elements per block: threads get whole blocks (no cache line shared between threads), and calls below
-// kGrainBlocks blocks stay on the calling thread (thread wake-up costs more than the work).
-constexpr int64_t kBlock = 1024;
-constexpr int64_t kGrainBlocks = 32;
+// Threading: OpenMP over fixed chunks handed out dynamically (an atomic counter), not one static slice per
+// thread as at::parallel_for does. On a CPU shared with other processes a descheduled thread then delays
+// only the chunk it holds, instead of half the work. Chunks of 64 Ki elements (256 KiB fp32 per buffer)
+// are whole cache lines apart and large enough that the counter costs nothing; a call below two chunks
+// stays on the calling thread, as does a call made from inside a parallel region. The team size is torch's
+// (at::set_num_threads sets the OpenMP default; libgomp is the copy torch loaded, see CMakeLists.txt).
+constexpr int64_t kChunk = int64_t(1) << 16;
 
 void run(Op op, Dt dt, const Buffers& buf, int64_t n, const Hyper& h) {
   static const RunChunk fn = pick_variant();
-  const int64_t blocks = (n + kBlock - 1) / kBlock;
-  at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
-    fn(op, dt, buf, b0 * kBlock, std::min(n, b1 * kBlock), h);
-  });
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+#if defined(_OPENMP)
+  if (chunks >= 2 && at::get_num_threads() > 1 && !omp_in_parallel()) {
+    std::atomic<int64_t> next{0};
+#pragma omp parallel
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
+         c = next.fetch_add(1, std::memory_order_relaxed)) {
+      fn(op, dt, buf, c * kChunk, std::min(n, (c + 1) * kChunk), h);
+    }
+    return;
+  }
+#endif
+  fn(op, dt, buf, 0, n, h);
 }
 
 // A fresh output of an out-of-place op. Large CPU allocations are new mmap'd pages, and first-touch page
