@@ -87,24 +87,23 @@ def _drop(spec, i0, j0, shape, device, dtype):
 
 
 def _scores(spec, qf, k, i0, i1, j0, j1, R):
-    """Masked S tile (B, Hkv, R, bq, bk) from flattened q rows qf (B, Hkv, R*bq, D)."""
+    """Masked S tile (B, Hkv, R, bq, bk) from flattened, pre-scaled q rows qf (B, Hkv, R*bq, D)."""
     B, Hkv = qf.shape[:2]
-    s = torch.matmul(qf, k[:, :, j0:j1].transpose(-1, -2)).mul_(spec.scale)
-    s = s.view(B, Hkv, R, i1 - i0, j1 - j0)
+    s = torch.matmul(qf, k[:, :, j0:j1].transpose(-1, -2)).view(B, Hkv, R, i1 - i0, j1 - j0)
     if spec.bias is not None:
-        s = s + spec.bias[..., i0:i1, j0:j1]
+        s += spec.bias[..., i0:i1, j0:j1]
     if spec.keep is not None:
-        s = s.masked_fill(~spec.keep[..., i0:i1, j0:j1], float("-inf"))
+        s.masked_fill_(~spec.keep[..., i0:i1, j0:j1], float("-inf"))
     if spec.causal and j1 - 1 > i0:  # some key of the tile lies after some query of the tile
         rows = torch.arange(i0, i1, device=qf.device)[:, None]
         cols = torch.arange(j0, j1, device=qf.device)[None, :]
-        s = s.masked_fill(cols > rows, float("-inf"))
+        s.masked_fill_(cols > rows, float("-inf"))
     return s
 
 
 def _probs(spec, qf, k, lse_safe, i0, i1, j0, j1, R):
     s = _scores(spec, qf, k, i0, i1, j0, j1, R)
-    return torch.exp(s - lse_safe[..., i0:i1, None])
+    return s.sub_(lse_safe[..., i0:i1, None]).exp_()
 
 
 def _rows(x, i0, i1):
@@ -135,17 +134,25 @@ def _safe_lse(lse):
     return torch.where(torch.isinf(lse), torch.zeros((), dtype=lse.dtype, device=lse.device), lse)
 
 
+def _rowdot(a, b):
+    """rowsum(a o b) over the last dim."""
+    return (a * b).sum(-1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The five tiled passes. q: (B, Hkv, R, Tq, D); k: (B, Hkv, Tk, D); v: (B, Hkv, Tk, Dv); all in the acc dtype.
+# Products of two row-blocks with two key-blocks (e.g. St = s (Qt K^T + Q Kt^T)) are one matmul over the
+# concatenated feature dim; elementwise work on tiles is done in place where the value is not needed again.
 
 
 def _fwd(spec, q, k, v):
     B, Hkv, R, Tq, _ = q.shape
     Dv = v.shape[-1]
+    qs = q * spec.scale
     o = q.new_zeros(B, Hkv, R, Tq, Dv)
     lse = q.new_full((B, Hkv, R, Tq), float("-inf"))
     for i0, i1, ks in _tiles(spec):
-        qf = _rows(q, i0, i1)
+        qf = _rows(qs, i0, i1)
         m = q.new_full((B, Hkv, R, i1 - i0), float("-inf"))  # running row max
         l = q.new_zeros(B, Hkv, R, i1 - i0)  # running sum of exp(S - m)
         acc = q.new_zeros(B, Hkv, R, i1 - i0, Dv)
@@ -154,11 +161,11 @@ def _fwd(spec, q, k, v):
             m_new = torch.maximum(m, s.amax(-1))
             m_safe = _safe_lse(m_new)
             alpha = torch.exp(m - m_safe)
-            p = torch.exp(s - m_safe[..., None])
+            p = s.sub_(m_safe[..., None]).exp_()
             l = l * alpha + p.sum(-1)
             z = _drop(spec, i0, j0, p.shape, p.device, p.dtype)
             if z is not None:
-                p = p * z
+                p.mul_(z)
             acc = acc * alpha[..., None] + _qmm(p, v[:, :, j0:j1])
             m = m_new
         lse[..., i0:i1] = m + torch.log(l)
@@ -168,42 +175,47 @@ def _fwd(spec, q, k, v):
 
 def _bwd(spec, q, k, v, o, lse, do):
     R = q.shape[2]
+    qs = q * spec.scale
     lse_s = _safe_lse(lse)
     delta = (do * o).sum(-1)  # D = rowsum(P o dP) = rowsum(dO o O)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for i0, i1, ks in _tiles(spec):
-        qf, dof = _rows(q, i0, i1), _rows(do, i0, i1)
+        qf, dof = _rows(qs, i0, i1), _rows(do, i0, i1)
         dqb = 0
         for j0, j1 in ks:
             p = _probs(spec, qf, k, lse_s, i0, i1, j0, j1, R)
             z = _drop(spec, i0, j0, p.shape, p.device, p.dtype)
-            pz = p if z is None else p * z
             dp = _outer(dof, v[:, :, j0:j1], R)
             if z is not None:
-                dp = dp * z
-            ds = p * (dp - delta[..., i0:i1, None])
-            dv[:, :, j0:j1] += _kmm(pz, dof)
-            dk[:, :, j0:j1] += _kmm(ds, qf)
+                dp.mul_(z)
+                dv[:, :, j0:j1] += _kmm(p * z, dof)
+            else:
+                dv[:, :, j0:j1] += _kmm(p, dof)
+            ds = dp.sub_(delta[..., i0:i1, None]).mul_(p)
+            dk[:, :, j0:j1] += _kmm(ds, qf)  # qf is pre-scaled: s dS^T Q
             dqb = dqb + _qmm(ds, k[:, :, j0:j1])
         dq[..., i0:i1, :] = dqb
-    return dq * spec.scale, dk * spec.scale, dv
+    return dq * spec.scale, dk, dv
 
 
 def _fwd_jvp(spec, q, k, v, o, lse, qt, kt, vt):
-    R = q.shape[2]
+    R, sc = q.shape[2], spec.scale
+    qs = q * sc
     lse_s = _safe_lse(lse)
+    qcat = torch.cat([qt * sc, qs], -1)  # St = [s Qt, s Q] @ [K, Kt]^T
+    kcat = torch.cat([k, kt], -1)
     ot = torch.zeros_like(o)
     for i0, i1, ks in _tiles(spec):
-        qf, qtf = _rows(q, i0, i1), _rows(qt, i0, i1)
+        qf, qcf = _rows(qs, i0, i1), _rows(qcat, i0, i1)
         acc, mu = 0, 0
         for j0, j1 in ks:
             p = _probs(spec, qf, k, lse_s, i0, i1, j0, j1, R)
             z = _drop(spec, i0, j0, p.shape, p.device, p.dtype)
-            st = (_outer(qtf, k[:, :, j0:j1], R) + _outer(qf, kt[:, :, j0:j1], R)) * spec.scale
-            pst = p * st
+            pst = _outer(qcf, kcat[:, :, j0:j1], R).mul_(p)
             mu = mu + pst.sum(-1)
             if z is not None:
-                pst, p = pst * z, p * z
+                pst.mul_(z)
+                p.mul_(z)
             acc = acc + _qmm(pst, v[:, :, j0:j1]) + _qmm(p, vt[:, :, j0:j1])
         ot[..., i0:i1, :] = acc - mu[..., None] * o[..., i0:i1, :]
     return ot
@@ -212,102 +224,119 @@ def _fwd_jvp(spec, q, k, v, o, lse, qt, kt, vt):
 def _bwd_vjp(spec, q, k, v, o, lse, do, gq, gk, gv):
     """Double backward: cotangents (gq, gk, gv) of (dq, dk, dv) -> (qb, kb, vb, dob). See module docstring."""
     R, sc = q.shape[2], spec.scale
+    qs = q * sc
     lse_s = _safe_lse(lse)
     delta = (do * o).sum(-1)
     tiles = list(_tiles(spec))
+    gqs = gq * sc
+    gcat_q = torch.cat([gqs, qs], -1)  # G = [s gQ, s Q] @ [K, gK]^T
+    gcat_k = torch.cat([k, gk], -1)
 
-    def tile(i0, i1, j0, j1, qf, dof, gqf):
+    def tile(i0, i1, j0, j1, qf, gcf, dof):
         p = _probs(spec, qf, k, lse_s, i0, i1, j0, j1, R)
         z = _drop(spec, i0, j0, p.shape, p.device, p.dtype)
-        dp = _outer(dof, v[:, :, j0:j1], R)
-        e = _outer(dof, gv[:, :, j0:j1], R)
+        B, Hkv = qf.shape[:2]
+        bk = j1 - j0
+        # [dP | E] = dO @ [V; gV]^T in one matmul
+        de = torch.matmul(dof, torch.cat([v[:, :, j0:j1], gv[:, :, j0:j1]], -2).transpose(-1, -2))
+        de = de.view(B, Hkv, R, i1 - i0, 2 * bk)
+        dp, e = de[..., :bk], de[..., bk:]
         if z is not None:
             dp, e = dp * z, e * z
-        g = (_outer(gqf, k[:, :, j0:j1], R) + _outer(qf, gk[:, :, j0:j1], R)) * sc
+        g = _outer(gcf, gcat_k[:, :, j0:j1], R)
         return p, z, dp, e, g
 
     # Pass 1: row statistics c = rowsum(P o G), e1 = rowsum(P o (E + G o dP)).
     c = torch.zeros_like(delta)
     e1 = torch.zeros_like(delta)
     for i0, i1, ks in tiles:
-        qf, dof, gqf = _rows(q, i0, i1), _rows(do, i0, i1), _rows(gq, i0, i1)
+        qf, gcf, dof = _rows(qs, i0, i1), _rows(gcat_q, i0, i1), _rows(do, i0, i1)
         for j0, j1 in ks:
-            p, z, dp, e, g = tile(i0, i1, j0, j1, qf, dof, gqf)
-            pg = p * g
-            c[..., i0:i1] += pg.sum(-1)
-            e1[..., i0:i1] += (p * e + pg * dp).sum(-1)
+            p, z, dp, e, g = tile(i0, i1, j0, j1, qf, gcf, dof)
+            c[..., i0:i1] += _rowdot(p, g)
+            e1[..., i0:i1] += _rowdot(p, torch.addcmul(e, g, dp))
     erow = e1 - 2 * c * delta
 
     # Pass 2: per tile Sb, dPb, dS; accumulate Qb, Kb, Vb, dOb.
     qb, kb, vb, dob = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(do)
     for i0, i1, ks in tiles:
-        qf, dof, gqf = _rows(q, i0, i1), _rows(do, i0, i1), _rows(gq, i0, i1)
+        qf, gcf, dof, gqf = _rows(qs, i0, i1), _rows(gcat_q, i0, i1), _rows(do, i0, i1), _rows(gqs, i0, i1)
         cb, db, eb = c[..., i0:i1, None], delta[..., i0:i1, None], erow[..., i0:i1, None]
         qacc, doacc = 0, 0
         for j0, j1 in ks:
-            p, z, dp, e, g = tile(i0, i1, j0, j1, qf, dof, gqf)
-            ds = p * (dp - db)
-            dpb = p * (g - cb)
-            pb = e + g * (dp - db) - cb * dp
-            sb = p * (pb - eb)
-            w = dpb if z is None else dpb * z
-            pz = p if z is None else p * z
-            kj, vj = k[:, :, j0:j1], v[:, :, j0:j1]
+            p, z, dp, e, g = tile(i0, i1, j0, j1, qf, gcf, dof)
+            t = dp - db
+            ds = t * p
+            sb = torch.addcmul(e, g, t).addcmul_(dp, cb, value=-1.0).sub_(eb).mul_(p)  # Sb = P o (Pb - e)
+            w = g.sub_(cb).mul_(p)  # dPb = P o (G - c)
+            if z is not None:
+                w.mul_(z)
+                p.mul_(z)
+            kj = k[:, :, j0:j1]
             qacc = qacc + _qmm(sb, kj) + _qmm(ds, gk[:, :, j0:j1])
-            kb[:, :, j0:j1] += _kmm(sb, qf) + _kmm(ds, gqf)
+            kb[:, :, j0:j1] += _kmm(sb, qf) + _kmm(ds, gqf)  # both pre-scaled
             vb[:, :, j0:j1] += _kmm(w, dof)
-            doacc = doacc + _qmm(w, vj) + _qmm(pz, gv[:, :, j0:j1])
+            doacc = doacc + _qmm(w, v[:, :, j0:j1]) + _qmm(p, gv[:, :, j0:j1])
         qb[..., i0:i1, :] = qacc
         dob[..., i0:i1, :] = doacc
-    return qb * sc, kb * sc, vb, dob
+    return qb * sc, kb, vb, dob
 
 
 def _bwd_jvp(spec, q, k, v, o, lse, do, qt, kt, vt, dot):
     """Forward-mode derivative of the backward: tangents (qt, kt, vt, dot) -> (dqt, dkt, dvt)."""
     R, sc = q.shape[2], spec.scale
+    qs = q * sc
     lse_s = _safe_lse(lse)
     delta = (do * o).sum(-1)
     tiles = list(_tiles(spec))
+    scat_q = torch.cat([qt * sc, qs], -1)  # St = [s Qt, s Q] @ [K, Kt]^T
+    scat_k = torch.cat([k, kt], -1)
+    dcat_q = torch.cat([dot, do], -1)  # dPt = [dOt, dO] @ [V, Vt]^T
+    dcat_k = torch.cat([v, vt], -1)
 
-    def tile(i0, i1, j0, j1, qf, qtf, dof, dotf):
+    def tile(i0, i1, j0, j1, qf, scf, dof, dcf):
         p = _probs(spec, qf, k, lse_s, i0, i1, j0, j1, R)
         z = _drop(spec, i0, j0, p.shape, p.device, p.dtype)
-        st = (_outer(qtf, k[:, :, j0:j1], R) + _outer(qf, kt[:, :, j0:j1], R)) * sc
+        st = _outer(scf, scat_k[:, :, j0:j1], R)
         dp = _outer(dof, v[:, :, j0:j1], R)
-        dpt = _outer(dotf, v[:, :, j0:j1], R) + _outer(dof, vt[:, :, j0:j1], R)
+        dpt = _outer(dcf, dcat_k[:, :, j0:j1], R)
         if z is not None:
-            dp, dpt = dp * z, dpt * z
+            dp.mul_(z)
+            dpt.mul_(z)
         return p, z, st, dp, dpt
 
     # Pass 1: mu = rowsum(P o St), r = rowsum(P o St o dP) + rowsum(P o dPt).
     mu = torch.zeros_like(delta)
     r = torch.zeros_like(delta)
     for i0, i1, ks in tiles:
-        qf, qtf, dof, dotf = _rows(q, i0, i1), _rows(qt, i0, i1), _rows(do, i0, i1), _rows(dot, i0, i1)
+        qf, scf, dof, dcf = _rows(qs, i0, i1), _rows(scat_q, i0, i1), _rows(do, i0, i1), _rows(dcat_q, i0, i1)
         for j0, j1 in ks:
-            p, z, st, dp, dpt = tile(i0, i1, j0, j1, qf, qtf, dof, dotf)
-            pst = p * st
-            mu[..., i0:i1] += pst.sum(-1)
-            r[..., i0:i1] += (pst * dp + p * dpt).sum(-1)
+            p, z, st, dp, dpt = tile(i0, i1, j0, j1, qf, scf, dof, dcf)
+            mu[..., i0:i1] += _rowdot(p, st)
+            r[..., i0:i1] += _rowdot(p, dpt.addcmul_(st, dp))
     deltat = r - mu * delta
 
     # Pass 2.
     dqt, dkt, dvt = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for i0, i1, ks in tiles:
-        qf, qtf, dof, dotf = _rows(q, i0, i1), _rows(qt, i0, i1), _rows(do, i0, i1), _rows(dot, i0, i1)
+        qf, scf, dof, dcf = _rows(qs, i0, i1), _rows(scat_q, i0, i1), _rows(do, i0, i1), _rows(dcat_q, i0, i1)
+        qtf, dotf = _rows(qt, i0, i1), _rows(dot, i0, i1)
         mub, db, dtb = mu[..., i0:i1, None], delta[..., i0:i1, None], deltat[..., i0:i1, None]
         qacc = 0
         for j0, j1 in ks:
-            p, z, st, dp, dpt = tile(i0, i1, j0, j1, qf, qtf, dof, dotf)
-            pt = p * (st - mub)
-            ds = p * (dp - db)
-            dst = pt * (dp - db) + p * (dpt - dtb)
+            p, z, st, dp, dpt = tile(i0, i1, j0, j1, qf, scf, dof, dcf)
+            pt = st.sub_(mub).mul_(p)  # Pt = P o (St - mu)
+            t = dp.sub_(db)
+            ds = t * p
+            dst = torch.addcmul(dpt.sub_(dtb).mul_(p), pt, t)  # dSt = Pt o (dP - D) + P o (dPt - Dt)
             qacc = qacc + _qmm(dst, k[:, :, j0:j1]) + _qmm(ds, kt[:, :, j0:j1])
-            dkt[:, :, j0:j1] += _kmm(dst, qf) + _kmm(ds, qtf)
-            ptz, pz = (pt, p) if z is None else (pt * z, p * z)
-            dvt[:, :, j0:j1] += _kmm(ptz, dof) + _kmm(pz, dotf)
+            dkt[:, :, j0:j1] += _kmm(dst, qf) + _kmm(ds, qtf * sc)
+            if z is not None:
+                pt.mul_(z)
+                p.mul_(z)
+            dvt[:, :, j0:j1] += _kmm(pt, dof) + _kmm(p, dotf)
         dqt[..., i0:i1, :] = qacc
-    return dqt * sc, dkt * sc, dvt
+    return dqt * sc, dkt, dvt
 
 
 # ----------------------------------------------------------------------------------------------------------------

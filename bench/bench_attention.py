@@ -1,0 +1,126 @@
+"""Peak memory and time of one exact second-order HVP pass, eager vs "mamlen" (tiled) attention.
+
+The pass: loss L(θ) of a GPT-2 Medium-width model (n_embd 1024, 16 heads, 4096 MLP, GPT-2 vocabulary), batch 1,
+T tokens; g = ∇L with create_graph=True; then ∇⟨g, v⟩ — what the engine's `exact` HVP mode does per inner step.
+Each configuration runs in a fresh subprocess; peak memory = ru_maxrss of that process (CPU RSS), also given
+as the increase over the RSS measured right after building the model and batch (weights, inputs), per token.
+
+    .venv/bin/python bench/bench_attention.py --impl eager mamlen --T 256 512 1024 --layers 4 \
+        --out bench/results/attention.md
+    .venv/bin/python bench/bench_attention.py --one --impl mamlen --T 1024 --layers 24 --checkpoint
+
+Timing on a shared 2-core CPU is noisy: compare ratios from the same run.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+
+def _rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def _current_rss_gb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def run_one(impl, T, layers, checkpoint, repeat, seed=0):
+    import functools
+
+    import torch
+    import transformers
+    from torch.utils.checkpoint import checkpoint as ckpt
+
+    from mamlen.core import tiled_attention
+
+    tiled_attention.register()
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_embd=1024, n_head=16, n_layer=layers, n_positions=max(1024, T),
+                                  attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model.set_attn_implementation(impl)
+    if checkpoint:  # non-reentrant, per block, as core/activation_checkpoint.py does
+        for block in model.transformer.h:
+            block.forward = functools.partial(ckpt, block.forward, use_reentrant=False)
+    params = [p for p in model.parameters()]
+    ids = torch.randint(0, cfg.vocab_size, (1, T))
+    vec = [torch.randn_like(p) for p in params]
+    base = _current_rss_gb()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        g = torch.autograd.grad(loss, params, create_graph=True)
+        hv = torch.autograd.grad(g, params, grad_outputs=vec)
+        times.append(time.perf_counter() - t0)
+        del loss, g, hv  # frees the second-order graph before the next repeat
+    peak = _rss_gb()
+    return dict(impl=impl, T=T, layers=layers, checkpoint=checkpoint, base_gb=round(base, 3),
+                peak_gb=round(peak, 3), extra_mb_per_token=round((peak - base) * 1024 / T, 3),
+                time_s=round(sorted(times)[len(times) // 2], 2), times=[round(t, 2) for t in times],
+                threads=torch.get_num_threads())
+
+
+def _sha():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        return "?"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--impl", nargs="+", default=["eager", "mamlen"])
+    ap.add_argument("--T", nargs="+", type=int, default=[256, 512, 1024])
+    ap.add_argument("--layers", nargs="+", type=int, default=[4])
+    ap.add_argument("--checkpoint", action="store_true", help="non-reentrant activation checkpointing per block")
+    ap.add_argument("--repeat", type=int, default=1, help="timed passes per configuration (median reported)")
+    ap.add_argument("--one", action="store_true", help="run the first configuration in this process, print JSON")
+    ap.add_argument("--out", help="append markdown rows to this file")
+    args = ap.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.impl[0], args.T[0], args.layers[0], args.checkpoint, args.repeat)))
+        return
+    import torch
+    import transformers
+    rows = []
+    for layers in args.layers:
+        for T in args.T:
+            for impl in args.impl:
+                cmd = [sys.executable, os.path.abspath(__file__), "--one", "--impl", impl, "--T", str(T),
+                       "--layers", str(layers), "--repeat", str(args.repeat)] + (["--checkpoint"] if args.checkpoint else [])
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+                if r.returncode != 0 or not line:
+                    res = dict(impl=impl, T=T, layers=layers, checkpoint=args.checkpoint, error=(r.stderr or "")[-300:])
+                else:
+                    res = json.loads(line[0][7:])
+                rows.append(res)
+                print(json.dumps(res), flush=True)
+    head = (f"device: CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared), torch "
+            f"{torch.__version__}, transformers {transformers.__version__}, git {_sha()}; batch 1, fp32, "
+            f"GPT-2 Medium width (1024/16 heads), checkpoint={args.checkpoint}")
+    md = ["", head, "", "| layers | T | attention | peak RSS GB | over base GB | MB/token over base | time s |",
+          "|---:|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            md.append(f"| {r['layers']} | {r['T']} | {r['impl']} | failed | | | |")
+        else:
+            md.append(f"| {r['layers']} | {r['T']} | {r['impl']} | {r['peak_gb']:.2f} | {r['peak_gb'] - r['base_gb']:.2f}"
+                      f" | {r['extra_mb_per_token']:.2f} | {r['time_s']:.1f} |")
+    text = "\n".join(md) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
