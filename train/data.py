@@ -22,8 +22,6 @@ from typing import Sequence
 
 from mamlen.train.instances import build_instance, collate
 
-from mamlen.core import Task
-
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "suite"
 TRAIN_POOL_K = 16384  # MetaICL names a training task's full pool {task}_16384_{seed}_train.jsonl
 SETTING_KEYS = ("train", "test", "unseen_domain_test")
@@ -259,6 +257,8 @@ class EpisodeSampler:
 
     def meta_batch(self, step: int, indices: Sequence[int] | None = None) -> list:
         """The step's tasks as engine Tasks; `indices` builds only those positions (e.g. one rank's share)."""
+        from mamlen.core import Task  # here, not at the top: evaluation needs no engine (a 10 s import)
+
         names = self.step_tasks(step)
         chosen = range(len(names)) if indices is None else indices
         out = []

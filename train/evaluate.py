@@ -21,6 +21,7 @@ import copy
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -154,22 +155,37 @@ def adapt(model, tokenizer, demos: Sequence[dict], *, steps: int, lr: float, met
 
 
 # --- the protocol ----------------------------------------------------------------------------------
+def _find_file(data_dir, task: str, split: str, k: int, seed: int) -> Path | None:
+    """{task}_{k}_{seed}_{split}.jsonl, else the file of that seed and split with the smallest k' >= k
+    (training pools, k' = 16384, excluded): MetaICL ships k = 16 files, and k < 16 uses their first k."""
+    exact = data.task_file(data_dir, task, split, k, seed)
+    if exact.is_file():
+        return exact
+    found = []
+    for p in (Path(data_dir) / task).glob(f"{task}_*_{seed}_{split}.jsonl"):
+        m = re.fullmatch(re.escape(task) + rf"_(\d+)_{seed}_{split}\.jsonl", p.name)
+        if m and k <= int(m.group(1)) != data.TRAIN_POOL_K:
+            found.append((int(m.group(1)), p))
+    return min(found)[1] if found else None
+
+
 def _task_files(data_dir, task: str, k: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """(demos, test queries) of one seed. Without {task}_{k}_{seed}_* files, the k = 16 files are used:
-    the first k of its demonstrations and its queries (k = 0: no demonstrations)."""
-    test_k = k if data.task_file(data_dir, task, "test", k, seed).is_file() else 16
-    test = data.load_task(data_dir, task, "test", k=test_k, seed=seed)
+    """(demos, test queries) of one seed; k = 0: no demonstrations."""
+    test_path = _find_file(data_dir, task, "test", k, seed) or _find_file(data_dir, task, "test", 0, seed)
+    if test_path is None:
+        raise data.DataError(f"{data.task_file(data_dir, task, 'test', k, seed)}: no such task file "
+                             f"(nor any {task}_*_{seed}_test.jsonl)")
+    test = data.read_jsonl(test_path, task)
     if k == 0:
         return [], test
-    if data.task_file(data_dir, task, "train", k, seed).is_file():
-        demos = data.load_task(data_dir, task, "train", k=k, seed=seed)
-    else:
-        pool = data.load_task(data_dir, task, "train", k=16, seed=seed)
-        if len(pool) < k:
-            raise data.DataError(f"{data.task_file(data_dir, task, 'train', 16, seed)}: {len(pool)} "
-                                 f"demonstrations, k={k} requested and no {task}_{k}_{seed}_train.jsonl")
-        demos = pool[:k]
-    return demos, test
+    demo_path = _find_file(data_dir, task, "train", k, seed)
+    if demo_path is None:
+        raise data.DataError(f"{data.task_file(data_dir, task, 'train', k, seed)}: no such task file, and no "
+                             f"{task}_K_{seed}_train.jsonl with K >= k={k} to take demonstrations from")
+    demos = data.read_jsonl(demo_path, task)
+    if len(demos) < k:
+        raise data.DataError(f"{demo_path}: {len(demos)} demonstrations, k={k} requested")
+    return demos[:k], test
 
 
 def evaluate(model, tokenizer, data_dir, tasks: Sequence[str], *, k: int = 16, seeds: Sequence[int] = DEFAULT_SEEDS,

@@ -66,3 +66,14 @@ def data_dir(tmp_path):
 def task_writer():
     """write_task(root, task, split, rows, k=16, seed=100) -> path (test files cannot import conftest)."""
     return write_task
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread; on a shared 2-core machine two OpenMP threads can be 50x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

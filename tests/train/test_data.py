@@ -11,6 +11,8 @@ from mamlen.train import data
 from mamlen.train.data import DataError, EpisodeSampler
 from mamlen.train.instances import IGNORE_INDEX
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 GOOD = {"input": "x", "output": "a", "options": ["a", "b"]}
 
 

@@ -4,6 +4,8 @@ import torch
 
 from mamlen.train.instances import IGNORE_INDEX, build_instance, collate, encode_parts
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def ex(i, o, opts=()):
     return {"task": "t", "input": i, "output": o, "options": list(opts)}
