@@ -42,7 +42,9 @@ forward time, so every recomputation (backward, double backward, jvp, checkpoint
 
 `register()` makes this `attn_implementation="mamlen"` for Hugging Face transformers.
 """
+import importlib.util
 import math
+import os
 
 import torch
 
@@ -57,11 +59,22 @@ _SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16
 class _Spec:
     """Non-tensor arguments and constant masks of one attention call (shared by all derivative passes)."""
 
-    __slots__ = ("scale", "causal", "block_q", "block_k", "dropout_p", "seed", "keep", "bias", "tq", "tk")
+    __slots__ = ("scale", "causal", "block_q", "block_k", "dropout_p", "seed", "keep", "bias", "tq", "tk", "backend")
 
-    def __init__(self, scale, causal, block_q, block_k, dropout_p, seed, keep, bias, tq, tk):
+    def __init__(self, scale, causal, block_q, block_k, dropout_p, seed, keep, bias, tq, tk, backend="torch"):
         self.scale, self.causal, self.block_q, self.block_k = scale, causal, block_q, block_k
         self.dropout_p, self.seed, self.keep, self.bias, self.tq, self.tk = dropout_p, seed, keep, bias, tq, tk
+        self.backend = backend
+
+
+def triton_interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton():
+    from mamlen.core import triton_attention  # lazy: imports triton
+
+    return triton_attention
 
 
 def _acc_dtype(dtype):
@@ -355,8 +368,11 @@ class _Attn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, spec):
         acc = _acc_dtype(q.dtype)
-        o, lse = _fwd(spec, *_up(acc, q, k, v))
-        o = o.to(q.dtype)
+        if spec.backend == "triton":
+            o, lse = _triton().fwd(spec, q, k, v)
+        else:
+            o, lse = _fwd(spec, *_up(acc, q, k, v))
+            o = o.to(q.dtype)
         ctx.spec = spec
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.save_for_forward(q, k, v, o, lse)
@@ -386,7 +402,10 @@ class _AttnBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, o, lse, do, spec):
         acc = _acc_dtype(q.dtype)
-        dq, dk, dv = _bwd(spec, *_up(acc, q, k, v, o), lse, do.to(acc))
+        if spec.backend == "triton":
+            dq, dk, dv = _triton().bwd(spec, q, k, v, o, lse, do)
+        else:
+            dq, dk, dv = _bwd(spec, *_up(acc, q, k, v, o), lse, do.to(acc))
         ctx.spec = spec
         ctx.save_for_backward(q, k, v, o, lse, do)
         ctx.save_for_forward(q, k, v, o, lse, do)
@@ -452,15 +471,36 @@ def _normalize_mask(attn_mask, B, H, Hkv, Tq, Tk):
     return to5(keep), to5(bias)
 
 
+def _pick_backend(backend, query, dropout_p):
+    """"torch": the PyTorch tiled passes (any device). "triton": Triton kernels for forward and backward (CUDA, or
+    CPU under TRITON_INTERPRET=1); second-order pieces stay PyTorch. "auto": triton on CUDA when available."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    ok_dtype = query.dtype in (torch.float32, torch.bfloat16, torch.float16) and query.shape[-1] <= 256
+    if backend == "auto":
+        if query.is_cuda and dropout_p == 0.0 and ok_dtype and importlib.util.find_spec("triton") is not None:
+            return "triton"
+        return "torch"
+    if not (query.is_cuda or triton_interpreting()):
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    if dropout_p != 0.0 or not ok_dtype:
+        raise ValueError(f"backend='triton' supports dropout_p=0, float32/bf16/fp16 and head dim <= 256; got "
+                         f"dropout_p={dropout_p}, {query.dtype}, head dim {query.shape[-1]} (use backend='torch')")
+    return "triton"
+
+
 def tiled_attention(query, key, value, attn_mask=None, *, is_causal=False, scale=None, dropout_p=0.0,
-                    block_q=None, block_k=None, seed=None):
+                    block_q=None, block_k=None, seed=None, backend="auto"):
     """softmax(scale * q k^T + mask) v with O(T) saved memory and exact first/second-order and forward-mode AD.
 
     query (B, H, Tq, D); key (B, Hkv, Tk, D); value (B, Hkv, Tk, Dv) with H % Hkv == 0 (GQA without repeat_kv).
     attn_mask: None, bool (True = attend) or additive float, broadcastable to (B, H, Tq, Tk); constant.
     is_causal: key j visible to query i iff j <= i (top-left aligned, like SDPA); combined with attn_mask.
     scale: default 1/sqrt(D). dropout_p: on the probabilities; the mask comes from `seed` (default: drawn from
-    torch's global RNG, so RNG-state replays reproduce it). Returns (B, H, Tq, Dv) in the input dtype.
+    torch's global RNG, so RNG-state replays reproduce it). backend: see _pick_backend.
+    Returns (B, H, Tq, Dv) in the input dtype.
     """
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D (B, H, T, D); got {tuple(query.shape)}, {tuple(key.shape)}, "
@@ -483,7 +523,7 @@ def tiled_attention(query, key, value, attn_mask=None, *, is_causal=False, scale
     spec = _Spec(
         scale=float(scale) if scale is not None else 1.0 / math.sqrt(D), causal=bool(is_causal),
         block_q=int(block_q or BLOCK_Q), block_k=int(block_k or BLOCK_K), dropout_p=float(dropout_p),
-        seed=seed, keep=keep, bias=bias, tq=Tq, tk=Tk)
+        seed=seed, keep=keep, bias=bias, tq=Tq, tk=Tk, backend=_pick_backend(backend, query, dropout_p))
     q5 = query.reshape(B, Hkv, H // Hkv, Tq, D)
     o = _Attn.apply(q5, key, value, spec)  # (B, Hkv, R, Tq, Dv)
     return o.reshape(B, H, Tq, value.shape[-1])
