@@ -726,10 +726,13 @@ def settings(meta: dict) -> dict:
     U = sorted(t for t, m in meta.items() if m["domain"] in unseen)
     typ = {t: m["type"] for t, m in meta.items()}
     CLS = ("classification", "nli", "paraphrase")
+    # explicit choices, mixing the three classification-like types and the five tested skills
     class_test = ["noun_category", "verb_transitivity", "word_polysemy", "nli_noun_hypernym", "nli_verb_cause",
                   "para_adjective_synonym", "para_verb_substitution"]
     qa_test = ["qa_verb_from_gloss", "qa_noun_hypernym", "qa_adjective_antonym", "qa_verb_fill_in",
                "qa_odd_one_out", "qa_similar_adjective"]
+    class_test = [t for t in class_test if t in meta]
+    qa_test = [t for t in qa_test if t in meta]
     nli_test = [t for t in W if typ[t] == "nli"]
     para_test = [t for t in W if typ[t] == "paraphrase"]
     with_options = [t for t in W if typ[t] != "generation"]

@@ -307,6 +307,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adapt-lr", type=float, default=1e-5)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
     p.add_argument("--output", default=None, help="write the results as JSON here")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (on a busy shared machine 1 can be many times faster than 2)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -326,6 +328,8 @@ def main(argv=None) -> dict:
             raise SystemExit(f"setting {args.setting!r} has no {args.split} tasks")
     else:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.time()
     model, tok = models.load_model(args.model, dtype=getattr(torch, args.dtype))
     t_load = time.time() - t0
