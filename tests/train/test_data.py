@@ -40,6 +40,13 @@ def test_bad_lines_name_file_line_and_field(tmp_path, task_writer, line, line_no
         data.load_task(tmp_path, "t", "test")
 
 
+def test_not_utf8(tmp_path, task_writer):
+    path = task_writer(tmp_path, "t", "test", [GOOD])
+    path.write_bytes(path.read_bytes() + b'{"task": "t", "input": "\xff", "output": "a", "options": []}\n')
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: ") + "not UTF-8"):
+        data.load_task(tmp_path, "t", "test")
+
+
 def test_empty_and_missing_task_files(tmp_path, task_writer):
     path = task_writer(tmp_path, "t", "test", ["", "   "])
     with pytest.raises(DataError, match=re.escape(str(path)) + ".*empty task file"):
