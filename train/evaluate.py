@@ -78,7 +78,11 @@ def score_sequences(model, items: Sequence[tuple[list[int], list[int], int]], *,
     for ctx, members in groups.items():
         cache = None
         if ctx:
-            out = model(input_ids=torch.tensor([ctx], device=device), use_cache=True)
+            ctx_ids = torch.tensor([ctx], device=device)
+            try:  # only the cache is needed: skip the (1, P, vocab) logits where the model allows
+                out = model(input_ids=ctx_ids, use_cache=True, logits_to_keep=1)
+            except TypeError:
+                out = model(input_ids=ctx_ids, use_cache=True)
             cache = out.past_key_values
         members = sorted(members, key=lambda i: len(prepared[i][0]))  # similar lengths share a batch
         for lo in range(0, len(members), batch_size):
