@@ -14,6 +14,7 @@ enum class Dt : int { F32, F64, BF16 };
 // scalars of every op; each op reads the ones it needs (a, b: bias corrections; c = 1 - lr*wd)
 struct Hyper {
   double lr = 0, beta1 = 0, beta2 = 0, eps = 0, a = 1, b = 1, c = 1, scale = 0;
+  bool stream = false;  // non-temporal stores for the outputs (set for large out-of-place calls)
 };
 
 // up to 6 inputs and 4 outputs, in the order the op's body documents; outputs may alias inputs (in place)

@@ -60,8 +60,14 @@ const char* variant_name() {
 // (at::set_num_threads sets the OpenMP default; libgomp is the copy torch loaded, see CMakeLists.txt).
 constexpr int64_t kChunk = int64_t(1) << 16;
 
-void run(Op op, Dt dt, const Buffers& buf, int64_t n, const Hyper& h) {
+// Out-of-place outputs of at least this many elements per buffer are written with streaming stores: with
+// 3-4 such outputs they exceed the L2 caches, and nothing reads them before the next op.
+constexpr int64_t kStreamMin = int64_t(1) << 20;
+
+void run(Op op, Dt dt, const Buffers& buf, int64_t n, Hyper h) {
   static const RunChunk fn = pick_variant();
+  const bool in_place = op == Op::SgdStep || op == Op::FdCombine || buf.out[0] == buf.in[0];
+  h.stream = !in_place && n >= kStreamMin;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
 #if defined(_OPENMP)
   if (chunks >= 2 && at::get_num_threads() > 1 && !omp_in_parallel()) {

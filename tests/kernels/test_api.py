@@ -156,10 +156,11 @@ CHECK_VARIANT = textwrap.dedent("""
     assert kernels.CPP_AVAILABLE
     print(torch.ops.mamlen_info.cpu_variant())
     hp = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=2)
-    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+    for dtype, n in ((torch.float32, 1037), (torch.float64, 1037), (torch.bfloat16, 1037),
+                     (torch.float32, (1 << 20) + 3)):  # the last: several chunks, streaming stores
         sd = kernels.state_dtype(dtype)
-        p, g = torch.randn(1037, dtype=dtype), torch.randn(1037, dtype=dtype)
-        m, v = torch.randn(1037, dtype=sd), torch.rand(1037, dtype=sd)
+        p, g = torch.randn(n, dtype=dtype), torch.randn(n, dtype=dtype)
+        m, v = torch.randn(n, dtype=sd), torch.rand(n, dtype=sd)
         v[::7] = 0
         g[::7] = 0
         a = kernels.inner_adamw_forward(p, g, m, v, **hp, backend="cpp")

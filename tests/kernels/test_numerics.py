@@ -233,11 +233,12 @@ def test_adamw_step_in_place(backend, device, dtype, n):
 
 
 def test_cpp_large_odd_size():
-    """10^6 + 3 elements on the C++ variant: threads split the blocks, the last one has a vector tail
-    (float32 and bf16 here; float64 shares the code path and is covered at small sizes)."""
+    """2^20 + 3 elements on the C++ variant: threads take 64 Ki-element chunks, the last has a vector tail,
+    and outputs this large are written with streaming stores (float32 and bf16 here; float64 shares the
+    code path and is covered at small sizes)."""
     if not kernels.CPP_AVAILABLE:
         pytest.fail(f"C++ kernels not loaded: {kernels._dispatch._CPP_ERROR}")
-    n = 1000003
+    n = (1 << 20) + 3
     for dtype in (torch.float32, torch.bfloat16):
         p, g, m, v = data(n, dtype, "cpu", seed=5)
         out = kernels.inner_adamw_forward(p, g, m, v, **HP, step=3, backend="cpp")
