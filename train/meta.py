@@ -17,6 +17,7 @@ if __name__ == "__main__":  # run as a script: train/ must not shadow libraries 
 import contextlib
 import datetime
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -43,6 +44,13 @@ def build(cfg: config.Config, rank: int, world: int, device: torch.device):
     if cfg.train.tasks_per_step < world:
         raise config.ConfigError(f"train.tasks_per_step: {cfg.train.tasks_per_step} tasks cannot be split over "
                                  f"{world} ranks (need at least one task per rank)")
+    # data first: a bad setting or task name fails before a large model is loaded
+    data_dir = cfg.data.data_dir or data.DEFAULT_DATA_DIR
+    train_tasks = data.load_train_tasks(data_dir, cfg.data.setting, seed=cfg.data.seed, fraction=cfg.data.fraction)
+    eval_tasks = cfg.eval.tasks or data.load_setting(data_dir, cfg.data.setting)[cfg.eval.split]
+    missing = [t for t in eval_tasks if not (Path(data_dir) / t).is_dir()] if cfg.eval.enabled else []
+    if missing or (cfg.eval.enabled and not eval_tasks):
+        raise config.ConfigError(f"eval.tasks: {missing or 'none'} not found in {data_dir}")
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.train.seed)  # identical random init on every rank for models built from a config
@@ -55,23 +63,19 @@ def build(cfg: config.Config, rank: int, world: int, device: torch.device):
         with torch.no_grad():
             for p in model.parameters():
                 dist.broadcast(p.data, 0)
-    data_dir = cfg.data.data_dir or data.DEFAULT_DATA_DIR
     sampler = data.EpisodeSampler(
-        data.load_train_tasks(data_dir, cfg.data.setting, seed=cfg.data.seed, fraction=cfg.data.fraction), tok,
-        tasks_per_step=cfg.train.tasks_per_step, k=cfg.data.k, inner_steps=e.inner_steps,
+        train_tasks, tok, tasks_per_step=cfg.train.tasks_per_step, k=cfg.data.k, inner_steps=e.inner_steps,
         batch_size=cfg.train.batch_size, method=cfg.data.method, max_len=cfg.data.max_len, seed=cfg.train.seed)
     # dropout masks differ per rank; rank 0 matches a single-process run
     torch.manual_seed(cfg.train.seed + 1_000_003 * rank)
-    return model, tok, engine, mcfg, sampler
+    return model, tok, engine, mcfg, sampler, eval_tasks
 
 
-def run_eval(cfg, model, tok, log, step, tag):
-    """Evaluate the setting's unseen tasks (rank 0) without disturbing the training RNG or mode."""
-    data_dir = cfg.data.data_dir or data.DEFAULT_DATA_DIR
-    tasks = cfg.eval.tasks or data.load_setting(data_dir, cfg.data.setting)[cfg.eval.split]
+def run_eval(cfg, model, tok, tasks, log, step, tag):
+    """Evaluate the unseen tasks (rank 0) without disturbing the training RNG or mode."""
     rng = checkpoint.rng_state()
-    result = evaluate.evaluate(model, tok, data_dir, tasks, k=cfg.eval.k, seeds=tuple(cfg.eval.seeds),
-                               method=cfg.data.method, batch_size=cfg.eval.batch_size,
+    result = evaluate.evaluate(model, tok, cfg.data.data_dir or data.DEFAULT_DATA_DIR, tasks, k=cfg.eval.k,
+                               seeds=tuple(cfg.eval.seeds), method=cfg.data.method, batch_size=cfg.eval.batch_size,
                                max_len=cfg.eval.max_len or cfg.data.max_len, max_queries=cfg.eval.max_queries,
                                progress=cfg.log.progress)
     model.train(cfg.model.dropout)
@@ -93,7 +97,7 @@ def train(cfg: config.Config, rank: int = 0, world: int = 1, device=torch.device
     ck = checkpoint.latest(cfg.output_dir, warn=print if rank == 0 else lambda m: None)
     if ck is None and cfg.checkpoint.resume == "require":
         raise SystemExit(f"--resume: no usable checkpoint in {cfg.output_dir}")
-    model, tok, engine, mcfg, sampler = build(cfg, rank, world, device)
+    model, tok, engine, mcfg, sampler, eval_tasks = build(cfg, rank, world, device)
     start, skips = 0, 0
     if ck is not None:
         ck.load_model_(model)
@@ -112,7 +116,9 @@ def train(cfg: config.Config, rank: int = 0, world: int = 1, device=torch.device
         changed = config.differences(ck.config_yaml(), cfg)
         if changed:
             log.write("warning: the config differs from the checkpoint's: " + "; ".join(changed))
-    before = run_eval(cfg, model, tok, log, 0, "before") if cfg.eval.before and start == 0 and rank == 0 else None
+    before = None
+    if cfg.eval.before and start == 0 and rank == 0:
+        before = run_eval(cfg, model, tok, eval_tasks, log, 0, "before")
 
     def save(step):
         rngs = [None] * world
@@ -158,9 +164,9 @@ def train(cfg: config.Config, rank: int = 0, world: int = 1, device=torch.device
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
             save(step)
         if cfg.eval.every and step % cfg.eval.every == 0 and rank == 0:
-            run_eval(cfg, model, tok, log, step, "periodic")
+            run_eval(cfg, model, tok, eval_tasks, log, step, "periodic")
     if status == 0 and cfg.eval.after and rank == 0:
-        after = run_eval(cfg, model, tok, log, step, "after")
+        after = run_eval(cfg, model, tok, eval_tasks, log, step, "after")
         before = before or log.find_eval("before")  # a resumed run reads it back from eval.jsonl
         if before is not None:
             log.write("unseen tasks, before vs after meta-training:\n" + side_by_side(before, after))
@@ -179,6 +185,8 @@ def main(argv=None) -> int:
     rank, world, device = setup_distributed()
     try:
         return train(cfg, rank, world, device)
+    except (config.ConfigError, data.DataError) as e:
+        raise SystemExit(f"error: {e}") from None
     finally:
         with contextlib.suppress(Exception):
             if dist.is_initialized():

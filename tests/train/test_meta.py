@@ -110,3 +110,11 @@ def test_metaicl_baseline_runs_and_resume_flag(tmp_path, capsys):
     assert m[0]["loss"] == m[0]["support_loss"]  # MetaICL has no inner step: one loss
     assert run(out, 3, "--set", "train.method=metaicl", "--resume") == 0
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+
+
+def test_bad_names_are_refused_before_training(tmp_path):
+    with pytest.raises(SystemExit, match=r"eval.tasks: \['no_such_task'\] not found"):
+        run(tmp_path / "x", 2, "--set", "eval.after=true", "--set", "eval.tasks=[no_such_task]")
+    with pytest.raises(SystemExit, match="no_such_setting"):
+        run(tmp_path / "x", 2, "--set", "data.setting=no_such_setting")
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()
