@@ -136,8 +136,8 @@ def score_options(model, tokenizer, demos: Sequence[dict], queries: Sequence[dic
 # --- adaptation ------------------------------------------------------------------------------------
 def adapt(model, tokenizer, demos: Sequence[dict], *, steps: int, lr: float, method: str = "direct",
           max_example_len: int = 256, max_len: int = 1024, batch_size: int = 8) -> None:
-    """`steps` full-batch AdamW steps on the demonstrations (in place). Each demonstration is a target
-    with the other k-1 as its context, the same format as meta-training."""
+    """`steps` full-batch AdamW steps (weight decay 0, dropout off) on the demonstrations, in place.
+    Each demonstration is a target with the other k-1 as its context, the same format as meta-training."""
     insts = [instances.build_instance(tokenizer, list(demos[:i]) + list(demos[i + 1:]), d, method=method,
                                       max_example_len=max_example_len, max_len=max_len)
              for i, d in enumerate(demos)]
@@ -145,7 +145,7 @@ def adapt(model, tokenizer, demos: Sequence[dict], *, steps: int, lr: float, met
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     was_training = model.training
-    model.train()
+    model.eval()  # dropout off: the adaptation protocol is deterministic
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         for lo in range(0, len(insts), batch_size):

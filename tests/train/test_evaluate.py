@@ -124,7 +124,7 @@ def test_adapt_changes_the_model_by_full_batch_adamw(tiny):
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
     try:
         loss_before = _reference(model, tok, DEMOS[1:], [DEMOS[0]], "direct", 1024)[0][DEMOS[0]["options"].index("no")]
-        evaluate.adapt(model, tok, DEMOS, steps=2, lr=1e-2, batch_size=2)
+        evaluate.adapt(model, tok, DEMOS, steps=3, lr=1e-3, batch_size=2)
         loss_after = _reference(model, tok, DEMOS[1:], [DEMOS[0]], "direct", 1024)[0][DEMOS[0]["options"].index("no")]
         assert loss_after < loss_before  # fitting the demonstrations lowers their loss
     finally:
