@@ -5,6 +5,9 @@ built by CMakeLists.txt during `pip install -e .` and loaded here; absent → on
 is used), `triton` (kernels/triton, the CUDA kernels). The input device picks the variant (`backend_for`);
 every function takes `backend=` to force one. Conventions and formulas: the docstrings of `adamw`, `sgd`,
 `fd` and ../shared/DESIGN.md.
+
+The ops are not differentiable by autograd: the meta-gradient is computed with the explicit adjoints
+(`inner_adamw_adjoint`, `inner_sgd_adjoint`); differentiate through `reference` if autograd is needed.
 """
 from mamlen.kernels._dispatch import BACKENDS, CPP_AVAILABLE, backend_for
 from mamlen.kernels.adamw import adamw_step_, inner_adamw_adjoint, inner_adamw_forward

@@ -11,6 +11,7 @@ its CUDA kernel from Triton (kernels/triton, registered when CUDA is present). T
 `backend=` forces a variant; "triton" on CPU tensors runs the launchers directly under TRITON_INTERPRET=1.
 """
 import importlib.util
+import math
 import os
 import warnings
 
@@ -151,20 +152,23 @@ def _available(backend, device):
     return False, "triton runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1)"
 
 
-def backend_for(tensor: torch.Tensor) -> str:
-    """The variant a call on `tensor` would use by default: "cpp" | "triton" | "reference"."""
-    dev = tensor.device
-    if dev.type == "cpu" and CPP_AVAILABLE:
+def _default_backend(device: torch.device) -> str:
+    if device.type == "cpu" and CPP_AVAILABLE:
         return "cpp"
-    if dev.type == "cuda" and _triton():
+    if device.type == "cuda" and _triton():
         return "triton"
     return "reference"
+
+
+def backend_for(tensor: torch.Tensor) -> str:
+    """The variant a call on `tensor` would use by default: "cpp" | "triton" | "reference"."""
+    return _default_backend(tensor.device)
 
 
 def call(name, backend, device, *args, **kwargs):
     """Run stage `name` with the requested (or default) backend on inputs that live on `device`."""
     if backend is None:
-        backend = backend_for(torch.empty(0, device=device))
+        backend = _default_backend(device)
     elif backend not in BACKENDS:
         raise ValueError(f"{name}: backend must be None or one of {BACKENDS}, got {backend!r}")
     else:
@@ -222,10 +226,18 @@ def check_state_dtype(fn, param_dtype, **tensors):
                             f"parameters, got {t.dtype}")
 
 
-def check_hparams(fn, *, lr=0.0, weight_decay=0.0, beta1=None, beta2=None, eps=None, step=None):
-    for name, x in (("lr", lr), ("weight_decay", weight_decay)):
+def check_floats(fn, **values):
+    """Scalars travel as schema `float`s: Python ints/floats only (not tensors, whose .item() would sync)."""
+    for name, x in values.items():
         if isinstance(x, bool) or not isinstance(x, (int, float)):
             raise TypeError(f"{fn}: {name} must be a Python float, got {type(x).__name__}")
+        if not math.isfinite(x):
+            raise ValueError(f"{fn}: {name} must be finite, got {x}")
+
+
+def check_hparams(fn, *, lr=0.0, weight_decay=0.0, beta1=None, beta2=None, eps=None, step=None):
+    check_floats(fn, lr=lr, weight_decay=weight_decay,
+                 **{k: x for k, x in (("beta1", beta1), ("beta2", beta2), ("eps", eps)) if x is not None})
     for name, beta in (("beta1", beta1), ("beta2", beta2)):
         if beta is not None and not 0.0 <= beta < 1.0:
             raise ValueError(f"{fn}: {name} must satisfy 0 <= {name} < 1, got {beta}")

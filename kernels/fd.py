@@ -15,7 +15,7 @@ def fd_perturb(p, d, r, *, backend=None):
     dev = D.check_vectors(fn, p=p, d=d)
     pd = D.check_param_dtype(fn, ("p",), p)
     D.check_state_dtype(fn, pd, d=d)
-    D.check_hparams(fn, lr=r)
+    D.check_floats(fn, r=r)
     return D.call(fn, backend, dev, p, d, float(r))
 
 
@@ -28,5 +28,5 @@ def fd_combine_(acc, g_plus, g_minus, scale, *, backend=None):
     dev = D.check_vectors(fn, acc=acc, g_plus=g_plus, g_minus=g_minus)
     gd = D.check_param_dtype(fn, ("g_plus", "g_minus"), g_plus, g_minus)
     D.check_state_dtype(fn, gd, acc=acc)
-    D.check_hparams(fn, lr=scale)
+    D.check_floats(fn, scale=scale)
     D.call(fn, backend, dev, acc, g_plus, g_minus, float(scale))

@@ -72,9 +72,19 @@ def test_bad_hyperparameters_are_rejected():
                     ({"eps": -1e-8}, "eps must be >= 0"),
                     ({"step": 0}, "step .* must be an int >= 1, got 0"),
                     ({"step": 1.5}, "step .* must be an int >= 1, got 1.5"),
-                    ({"lr": "0.1"}, "lr must be a Python float")]:
+                    ({"lr": "0.1"}, "lr must be a Python float"),
+                    ({"beta1": torch.tensor(0.9)}, "beta1 must be a Python float, got Tensor"),
+                    ({"weight_decay": float("nan")}, "weight_decay must be finite")]:
         with pytest.raises((ValueError, TypeError), match=msg):
             _fwd(p, g, m, v, **kw)
+
+
+def test_fd_scalars_are_checked_by_name():
+    p, g, m, _ = vecs()
+    with pytest.raises(TypeError, match="fd_perturb: r must be a Python float"):
+        kernels.fd_perturb(p, m, None)
+    with pytest.raises(ValueError, match="fd_combine_: scale must be finite"):
+        kernels.fd_combine_(m, p, g, float("inf"))
 
 
 def test_unknown_or_unavailable_backend_is_named():
