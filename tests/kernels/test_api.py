@@ -225,3 +225,12 @@ def test_missing_library_falls_back_with_one_warning():
     lines = out.stdout.strip().splitlines()
     assert lines[0] == "reference"
     assert "backend 'cpp' is not available for device cpu: mamlen.kernels._C not found" in lines[1]
+
+
+def test_triton_kernels_are_the_cuda_kernels_of_the_ops():
+    pytest.importorskip("triton")
+    import mamlen.kernels.triton  # noqa: F401  (registers on import)
+    for name in _dispatch.SCHEMAS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mamlen::{name}", "CUDA"), name
+        if kernels.CPP_AVAILABLE:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mamlen::{name}", "CPU"), name
