@@ -51,8 +51,6 @@ def _check_example(ex, where: str, task: str | None) -> dict:
         raise DataError(f"{where}: field 'options' must be a list of strings")
     if opts and ex["output"] not in opts:
         raise DataError(f"{where}: field 'output' {ex['output']!r} is not among the options {opts}")
-    if len(set(opts)) != len(opts):
-        raise DataError(f"{where}: field 'options' has duplicates {opts}")
     if task is not None and ex["task"] != task:
         raise DataError(f"{where}: field 'task' is {ex['task']!r}, expected {task!r}")
     return {"task": ex["task"], "input": ex["input"], "output": ex["output"], "options": list(opts)}
