@@ -67,6 +67,39 @@ def run_one(impl, T, layers, checkpoint, repeat, seed=0):
                 threads=torch.get_num_threads())
 
 
+def run_attention_only(impl, T, repeat, heads=16, head_dim=64, layers=4):
+    """Just `layers` stacked attention calls (no projections, MLP or LM head): the T-dependence in isolation."""
+    import torch
+
+    from mamlen.core.tiled_attention import tiled_attention
+
+    def eager(q, k, v):
+        s = (q @ k.transpose(-1, -2)) * head_dim ** -0.5
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        return torch.softmax(s, -1) @ v
+
+    fn = eager if impl == "eager" else (lambda q, k, v: tiled_attention(q, k, v, is_causal=True))
+    torch.manual_seed(0)
+    xs = [torch.randn(1, heads, T, head_dim, requires_grad=True) for _ in range(3)]
+    w = torch.randn(1, heads, T, head_dim)
+    vec = [torch.randn_like(x) for x in xs]
+    base = _current_rss_gb()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        q, k, v = xs
+        for _ in range(layers):  # q of the next layer = output of this one, k and v shared
+            q = fn(q, k, v)
+        g = torch.autograd.grad((q * w).sum(), xs, create_graph=True)
+        hv = torch.autograd.grad(g, xs, grad_outputs=vec)
+        times.append(time.perf_counter() - t0)
+        del q, g, hv
+    peak = _rss_gb()
+    return dict(impl=impl, T=T, layers=layers, checkpoint=False, base_gb=round(base, 3), peak_gb=round(peak, 3),
+                extra_mb_per_token=round((peak - base) * 1024 / T, 3), time_s=round(sorted(times)[len(times) // 2], 2),
+                times=[round(t, 2) for t in times], threads=torch.get_num_threads())
+
+
 def _sha():
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -83,11 +116,17 @@ def main():
     ap.add_argument("--checkpoint", action="store_true", help="non-reentrant activation checkpointing per block")
     ap.add_argument("--repeat", type=int, default=1, help="timed passes per configuration (median reported)")
     ap.add_argument("--one", action="store_true", help="run the first configuration in this process, print JSON")
+    ap.add_argument("--attention-only", action="store_true",
+                    help="16 heads x 64 dims, `layers` chained causal attention calls, nothing else")
     ap.add_argument("--out", help="append markdown rows to this file")
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.impl[0], args.T[0], args.layers[0], args.checkpoint, args.repeat)))
-        return
+        if args.attention_only:
+            res = run_attention_only(args.impl[0], args.T[0], args.repeat, layers=args.layers[0])
+        else:
+            res = run_one(args.impl[0], args.T[0], args.layers[0], args.checkpoint, args.repeat)
+        print("RESULT " + json.dumps(res), flush=True)
+        os._exit(0)  # skip interpreter teardown (a native extension has crashed there), the result is out
     import torch
     import transformers
     rows = []
@@ -95,10 +134,11 @@ def main():
         for T in args.T:
             for impl in args.impl:
                 cmd = [sys.executable, os.path.abspath(__file__), "--one", "--impl", impl, "--T", str(T),
-                       "--layers", str(layers), "--repeat", str(args.repeat)] + (["--checkpoint"] if args.checkpoint else [])
+                       "--layers", str(layers), "--repeat", str(args.repeat)] + (["--checkpoint"] if args.checkpoint else []) \
+                    + (["--attention-only"] if args.attention_only else [])
                 r = subprocess.run(cmd, capture_output=True, text=True)
                 line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-                if r.returncode != 0 or not line:
+                if not line:
                     res = dict(impl=impl, T=T, layers=layers, checkpoint=args.checkpoint, error=(r.stderr or "")[-300:])
                 else:
                     res = json.loads(line[0][7:])
@@ -106,15 +146,23 @@ def main():
                 print(json.dumps(res), flush=True)
     head = (f"device: CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared), torch "
             f"{torch.__version__}, transformers {transformers.__version__}, git {_sha()}; batch 1, fp32, "
-            f"GPT-2 Medium width (1024/16 heads), checkpoint={args.checkpoint}")
-    md = ["", head, "", "| layers | T | attention | peak RSS GB | over base GB | MB/token over base | time s |",
-          "|---:|---:|---|---:|---:|---:|---:|"]
+            + ("attention only: 16 heads x 64, chained causal attention calls" if args.attention_only else
+               f"GPT-2 Medium width (1024/16 heads), checkpoint={args.checkpoint}"))
+    md = ["", head, "", "| layers | T | attention | peak RSS GB | over base GB | MB/token over base "
+          "| marginal MB/token (vs previous T) | time s |", "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    prev = {}
     for r in rows:
         if "error" in r:
-            md.append(f"| {r['layers']} | {r['T']} | {r['impl']} | failed | | | |")
-        else:
-            md.append(f"| {r['layers']} | {r['T']} | {r['impl']} | {r['peak_gb']:.2f} | {r['peak_gb'] - r['base_gb']:.2f}"
-                      f" | {r['extra_mb_per_token']:.2f} | {r['time_s']:.1f} |")
+            md.append(f"| {r['layers']} | {r['T']} | {r['impl']} | failed | | | | |")
+            continue
+        key = (r["impl"], r["layers"])
+        marg = ""
+        if key in prev:  # slope of peak memory in T: constant if memory is linear in T
+            pT, pPeak = prev[key]
+            marg = f"{(r['peak_gb'] - pPeak) * 1024 / (r['T'] - pT):.2f}"
+        prev[key] = (r["T"], r["peak_gb"])
+        md.append(f"| {r['layers']} | {r['T']} | {r['impl']} | {r['peak_gb']:.2f} | {r['peak_gb'] - r['base_gb']:.2f}"
+                  f" | {r['extra_mb_per_token']:.2f} | {marg} | {r['time_s']:.1f} |")
     text = "\n".join(md) + "\n"
     print(text)
     if args.out:
