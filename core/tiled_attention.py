@@ -40,6 +40,10 @@ fp64 inputs); outputs have the input dtype. Masks are constants (never different
 o = 0 and zero gradients. Dropout masks are regenerated per tile from a seed drawn from torch's global RNG at
 forward time, so every recomputation (backward, double backward, jvp, checkpoint replay) sees the same mask.
 
+Backends: "torch" runs every pass above with torch ops (any device; the CPU path). "triton" (core/triton_attention.py,
+chosen by "auto" on CUDA) runs the forward and the first-order backward as Triton kernels and keeps the PyTorch
+passes for the double backward and both jvps; dropout and float64 always use "torch".
+
 `register()` makes this `attn_implementation="mamlen"` for Hugging Face transformers.
 """
 import importlib.util
