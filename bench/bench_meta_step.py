@@ -167,6 +167,20 @@ def _rel_err(a: dict, b: dict):
     return (num / den) ** 0.5
 
 
+def _kernels_version():
+    """Which build of the C++ kernels this process loaded (path, mtime): the tree is shared with other jobs."""
+    import sys as _sys
+    mods = [m for n, m in _sys.modules.items() if n.startswith("mamlen.kernels")]
+    for line in open("/proc/self/maps"):
+        if ".so" in line and ("mamlen" in line or "kernels/_C" in line):
+            path = line.split()[-1]
+            try:
+                return {"so": path, "mtime": time.strftime("%H:%M:%S", time.gmtime(os.path.getmtime(path)))}
+            except OSError:
+                return {"so": path}
+    return {"so": None, "modules": len(mods)}
+
+
 def worker(shape: Shape, mode: str, device: str, out: str, save_g: str | None, ref_g: str | None, threads: int):
     """One measurement: runs in a forked child of a process that has only imported torch/transformers/mamlen
     (procs = 1), or as a torchrun rank (procs > 1). Writes its row as JSON to `out` (rank 0)."""
@@ -245,7 +259,7 @@ def worker(shape: Shape, mode: str, device: str, out: str, save_g: str | None, r
                vm_hwm_gb=_vm_hwm_gb(),
                cuda_max_allocated_gb=torch.cuda.max_memory_allocated(dev) / 2**30 if cuda else None,
                warmup_s=warm, times_s=times, cpu_times_s=cpu, timed_warmup=shape.repeats == 0,
-               loss=float(metrics["loss"]), threads=torch.get_num_threads())
+               loss=float(metrics["loss"]), threads=torch.get_num_threads(), kernels=_kernels_version())
     if world > 1:
         every = [None] * world
         dist.all_gather_object(every, {k: row[k] for k in ("rss_model_gb", "rss_base_gb", "rss_peak_gb", "times_s",
@@ -455,10 +469,11 @@ def main():
     if args.worker:
         worker(Shape(**json.loads(args.worker)), args.mode, args.device, args.out, args.save_g, args.ref_g, threads)
         return
-    # what every measured child needs, imported once here (no torch op runs in this process: safe to fork)
+    # the slow imports every measured child needs, done once here (no torch op runs in this process: safe to
+    # fork). NOT mamlen: each child loads the kernels' shared library itself, so a library rebuilt in place while
+    # the suite runs (other jobs share this tree) is picked up instead of crashing every later child (SIGSEGV).
     import transformers  # noqa: F401
     from transformers import GPT2LMHeadModel  # noqa: F401
-    import mamlen.core  # noqa: F401
     _load_reference()
 
     if args.suite:

@@ -1,0 +1,317 @@
+"""Regenerate bench/RESULTS.md and bench/plots/*.png from bench/results/*.json (and *.md fragments).
+
+    .venv/bin/python bench/report.py
+
+Reads every bench/results/meta_step-*.json written by bench/bench_meta_step.py (one per configuration), makes a
+table per axis (headline, tasks per step, sequence length, inner steps, width, processes), checks the targets of
+issue 7 against the rows, plots time and peak memory per mode against T and against the tasks per step, and
+appends, verbatim, the markdown fragments other benchmarks write into bench/results/ (kernels.md, attention.md,
+eval_smollm2.md first, in that order, then any other *.md by name). Nothing here measures: every number comes from
+a JSON row, next to its device, shape and the command that produced it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS, PLOTS, OUT = HERE / "results", HERE / "plots", HERE / "RESULTS.md"
+FRAGMENTS_FIRST = ("kernels.md", "attention.md", "eval_smollm2.md")
+MODE_ORDER = ("reference", "exact", "exact+ckpt", "exact+keep", "mixed", "fd", "first_order", "metaicl")
+SECOND_ORDER = ("exact", "exact+ckpt", "exact+keep", "mixed", "fd")
+AXES = [  # (tag, title, the Shape field that varies)
+    ("headline", "Headline: GPT-2 Medium width, T = 1024 (the targets of issue 7)", None),
+    ("tasks", "Exploration states: tasks per meta-step N", "tasks"),
+    ("seq", "Sequence length T", "seq"),
+    ("inner_steps", "Inner steps K", "inner_steps"),
+    ("width", "Model width", "width"),
+    ("procs", "Processes (torchrun, gloo; tasks split over ranks)", "procs"),
+    ("smoke", "Smoke suite (tiny; checks that everything runs)", None),
+    ("custom", "Other configurations (explicit --width/--seq/... runs)", None),
+]
+
+
+def load():
+    docs = []
+    for p in sorted(RESULTS.glob("meta_step-*.json")):
+        d = json.loads(p.read_text())
+        d["file"] = p.name
+        docs.append(d)
+    return docs
+
+
+def _mode_key(m):
+    return (MODE_ORDER.index(m) if m in MODE_ORDER else len(MODE_ORDER), m)
+
+
+def f(x, fmt=".2f", none="–"):
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return none
+    return format(x, fmt)
+
+
+def shape_str(c):
+    vocab = "GPT-2 vocab 50257" if c["vocab"] == 50257 else f"vocab {c['vocab']}"
+    return (f"GPT-2 width {c['width']}, {c['heads']} heads, {c['layers']} layers, {vocab}; batch {c['batch']}, "
+            f"T = {c['seq']}, N = {c['tasks']} task(s), K = {c['inner_steps']} inner step(s), "
+            f"{c['procs']} process(es); fp32")
+
+
+def meta_str(m):
+    return (f"{m['device']} ({m['cpu']}, {m['cores']} cores, shared; load avg {m['loadavg_start']:.1f}→"
+            f"{m.get('loadavg_end', float('nan')):.1f}), {m.get('threads', '?')} torch thread(s) per configuration, "
+            f"launcher {m.get('launcher', '?')}; torch {m['torch']}, transformers {m['transformers']}, "
+            f"git {m['git_sha']}{' (+ uncommitted core/kernels edits)' if m.get('git_dirty') else ''}; {m['date']}")
+
+
+COLS = ("| mode | attention | median s [p20, p80] | CPU s | tokens/s | peak RSS GB | Δ peak GB | ×MetaICL time "
+        "(CPU) | floor × | speed-up vs ref (CPU) | peak ÷ ref | Δ ÷ ref | ‖G−G_ref‖/‖G_ref‖ |")
+SEP = "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+
+
+def row_md(r, floor, prefix=""):
+    if "error" in r:
+        err = r["error"].strip().splitlines()[-1][:80].replace("|", "/") if r["error"].strip() else "?"
+        return f"| {prefix}{r['mode']} | | failed: {err} | | | | | | | | | | |"
+    spread = "" if r.get("timed_warmup") or len(r["times_s"]) < 2 else f" [{r['p20_s']:.2f}, {r['p80_s']:.2f}]"
+    warm = " (1 meta-gradient)" if r.get("timed_warmup") else ""
+    err = f(r.get("rel_err_vs_reference"), ".1e")
+    if r["mode"] == "first_order" and err != "–":
+        err += " (FOMAML: approximation)"
+    fl = f(floor, ".2f") if r["mode"] in SECOND_ORDER else ""
+    return (f"| {prefix}{r['mode']} | {r.get('attention') or ''} | {r['median_s']:.2f}{spread}{warm} | "
+            f"{r['cpu_median_s']:.2f} | {r['tokens_per_s']:.0f} | {r['rss_peak_gb']:.2f} | "
+            f"{r['meta_step_peak_gb']:.2f} | {f(r.get('time_vs_metaicl'))} ({f(r.get('cpu_vs_metaicl'))}) | {fl} | "
+            f"{f(r.get('speedup_vs_reference'))} ({f(r.get('cpu_speedup_vs_reference'))}) | "
+            f"{f(r.get('mem_vs_reference'))} | {f(r.get('increment_vs_reference'))} | {err} |")
+
+
+def table(docs, tag, field):
+    sel = [d for d in docs if tag in d["config"].get("axes", [])]
+    if not sel:
+        return []
+    if field:
+        sel.sort(key=lambda d: d["config"][field])
+    out = []
+    for d in sel:
+        c = d["config"]
+        label = f"{field} = {c[field]}: " if field else ""
+        out += [f"**{label}{shape_str(c)}**  ", f"{meta_str(d['meta'])}  ",
+                f"`{d['meta']['command']}` → `bench/results/{d['file']}`", "", COLS, SEP]
+        floor = d.get("floor", {}).get("ratio")
+        out += [row_md(r, floor) for r in sorted(d["rows"], key=lambda r: _mode_key(r["mode"]))]
+        out.append("")
+    return out
+
+
+# -- targets ---------------------------------------------------------------------------------------------------
+def _by_mode(doc):
+    return {r["mode"]: r for r in doc["rows"] if "error" not in r}
+
+
+def verdict(ok):
+    return "**holds**" if ok else "**does not hold**"
+
+
+def targets(docs):
+    out = ["## Targets of issue 7, checked against the rows", ""]
+    head = [d for d in docs if "headline" in d["config"].get("axes", [])]
+    if head:
+        d = head[-1]
+        m = _by_mode(d)
+        c = d["config"]
+        where = f"({shape_str(c)}; `bench/results/{d['file']}`)"
+        ex, ref, fd, mi = m.get("exact"), m.get("reference"), m.get("fd"), m.get("metaicl")
+        if ex and ref:
+            mem = ex["rss_peak_gb"] / ref["rss_peak_gb"]
+            inc = ex["meta_step_peak_gb"] / ref["meta_step_peak_gb"]
+            sp, spc = ref["median_s"] / ex["median_s"], ref["cpu_median_s"] / ex["cpu_median_s"]
+            out.append(f"1. exact ≤ 0.5× the reference's peak memory {where}: peak RSS {ex['rss_peak_gb']:.2f} vs "
+                       f"{ref['rss_peak_gb']:.2f} GB = {mem:.2f}× — {verdict(mem <= 0.5)} (the meta-step's own increment "
+                       f"over the RSS after building: {ex['meta_step_peak_gb']:.2f} vs {ref['meta_step_peak_gb']:.2f} GB = "
+                       f"{inc:.2f}×).")
+            out.append(f"2. exact ≥ 1.5× the reference's speed: {sp:.2f}× wall, {spc:.2f}× CPU time "
+                       f"({ex['median_s']:.1f} vs {ref['median_s']:.1f} s) — {verdict(min(sp, spc) >= 1.5)}.")
+        if fd and mi:
+            r = fd["rss_peak_gb"] / mi["rss_peak_gb"]
+            out.append(f"3. fd within 1.2× the peak memory of a MetaICL step (same tokens): {fd['rss_peak_gb']:.2f} vs "
+                       f"{mi['rss_peak_gb']:.2f} GB = {r:.2f}× — {verdict(r <= 1.2)} (increments {fd['meta_step_peak_gb']:.2f}"
+                       f" vs {mi['meta_step_peak_gb']:.2f} GB).")
+        if mi:
+            so = [(m[k]["median_s"], m[k]["cpu_median_s"], k) for k in SECOND_ORDER if k in m]
+            if so:
+                best = min(so, key=lambda x: x[1])
+                out.append(f"4. best second-order mode ≤ 2.0× the time of first-order steps on the same tokens: "
+                           f"{best[2]} at {best[0] / mi['median_s']:.2f}× wall, {best[1] / mi['cpu_median_s']:.2f}× CPU "
+                           f"(floor of the cost model {d['floor']['ratio']:.2f}×) — "
+                           f"{verdict(best[1] / mi['cpu_median_s'] <= 2.0)} at the headline shape.")
+    # 4 at every configuration
+    lines = []
+    for d in docs:
+        m = _by_mode(d)
+        mi = m.get("metaicl")
+        so = [(m[k]["cpu_median_s"] / mi["cpu_median_s"], k) for k in SECOND_ORDER if k in m] if mi else []
+        fdr = m["fd"]["rss_peak_gb"] / mi["rss_peak_gb"] if mi and "fd" in m else None
+        if so:
+            b = min(so)
+            lines.append(f"`{d['config']['name']}`: best {b[1]} {b[0]:.2f}× MetaICL (CPU){'' if b[0] <= 2 else ' ✗'}"
+                         + (f", fd peak {fdr:.2f}× MetaICL{'' if fdr <= 1.2 else ' ✗'}" if fdr else ""))
+    if lines:
+        out += ["", "Targets 3 and 4 at every configuration (CPU-time ratio; ✗ = misses):", ""]
+        out += [f"- {l}" for l in lines]
+    # 5: linear time, flat memory in tasks
+    tk = sorted([d for d in docs if "tasks" in d["config"].get("axes", [])], key=lambda d: d["config"]["tasks"])
+    if len(tk) >= 2:
+        out += ["", "5. time linear and memory flat in exploration states (tasks per step N; "
+                f"{shape_str({**tk[0]['config'], 'tasks': 'N'})}):", ""]
+        out += ["| mode | N | CPU s | CPU s per task | peak RSS GB | Δ peak GB |", "|---|---:|---:|---:|---:|---:|"]
+        verdicts = []
+        modes = sorted({r["mode"] for d in tk for r in d["rows"] if "error" not in r}, key=_mode_key)
+        for mode in modes:
+            pts = [(d["config"]["tasks"], _by_mode(d)[mode]) for d in tk if mode in _by_mode(d)]
+            for n, r in pts:
+                out.append(f"| {mode} | {n} | {r['cpu_median_s']:.2f} | {r['cpu_median_s'] / n:.2f} | "
+                           f"{r['rss_peak_gb']:.2f} | {r['meta_step_peak_gb']:.2f} |")
+            if len(pts) >= 2:
+                (n0, r0), (n1, r1) = pts[0], pts[-1]
+                per = (r1["cpu_median_s"] / n1) / (r0["cpu_median_s"] / n0)
+                memr = r1["rss_peak_gb"] / r0["rss_peak_gb"]
+                verdicts.append((mode, per, memr, n0, n1))
+        out.append("")
+        for mode, per, memr, n0, n1 in verdicts:
+            out.append(f"- {mode}: CPU time per task at N = {n1} is {per:.2f}× that at N = {n0} (linear: ≈ 1) — "
+                       f"{verdict(0.8 <= per <= 1.25)}; peak RSS {memr:.2f}× (flat: ≤ 1.1) — {verdict(memr <= 1.1)}.")
+    out.append("")
+    return out
+
+
+# -- plots -----------------------------------------------------------------------------------------------------
+def plots(docs):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return ["(matplotlib not installed: no plots)"]
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    made = []
+    for tag, field, xlabel in (("seq", "seq", "sequence length T"), ("tasks", "tasks", "tasks per meta-step N"),
+                               ("inner_steps", "inner_steps", "inner steps K"), ("width", "width", "model width")):
+        sel = sorted([d for d in docs if tag in d["config"].get("axes", [])], key=lambda d: d["config"][field])
+        if len(sel) < 2:
+            continue
+        modes = sorted({r["mode"] for d in sel for r in d["rows"] if "error" not in r}, key=_mode_key)
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+        for mode in modes:
+            xs, ts, ms = [], [], []
+            for d in sel:
+                r = _by_mode(d).get(mode)
+                if r:
+                    xs.append(d["config"][field])
+                    ts.append(r["cpu_median_s"])
+                    ms.append(r["rss_peak_gb"])
+            style = dict(marker="o", linestyle="--" if mode in ("reference", "metaicl") else "-")
+            a1.plot(xs, ts, label=mode, **style)
+            a2.plot(xs, ms, label=mode, **style)
+        for a in (a1, a2):
+            a.set_xscale("log", base=2)
+            a.set_xlabel(xlabel)
+            a.grid(alpha=0.3)
+        a1.set_yscale("log")
+        a1.set_ylabel("CPU seconds per meta-step (median)")
+        a2.set_ylabel("peak RSS GB")
+        a1.legend(fontsize=8)
+        c = sel[0]["config"]
+        fig.suptitle(f"{xlabel}: GPT-2 width {c['width'] if field != 'width' else 'x'}, {c['layers']} layers, vocab "
+                     f"{c['vocab']}, T {c['seq'] if field != 'seq' else 'x'}, N {c['tasks'] if field != 'tasks' else 'x'}, "
+                     f"K {c['inner_steps'] if field != 'inner_steps' else 'x'}; {sel[0]['meta']['device']}, "
+                     f"{sel[0]['meta'].get('threads', '?')} thread(s), git {sel[0]['meta']['git_sha']}", fontsize=9)
+        fig.tight_layout()
+        name = f"meta_step_vs_{tag}.png"
+        fig.savefig(PLOTS / name, dpi=110)
+        plt.close(fig)
+        made.append(f"![{xlabel}](plots/{name})")
+    return made
+
+
+# -- fragments -------------------------------------------------------------------------------------------------
+def fragments():
+    files = [RESULTS / n for n in FRAGMENTS_FIRST if (RESULTS / n).exists()]
+    files += sorted(p for p in RESULTS.glob("*.md") if p.name not in FRAGMENTS_FIRST)
+    out = []
+    for p in files:
+        out += [f"## From `bench/results/{p.name}` (included verbatim)", "", p.read_text().rstrip(), ""]
+    return out
+
+
+HEADER = """# Benchmark results
+
+Generated by `bench/report.py` from `bench/results/*.json` — do not edit by hand. One command regenerates
+everything (about {minutes} on the machine below):
+
+    .venv/bin/python bench/bench_meta_step.py --suite default && .venv/bin/python bench/report.py
+
+Each table below names the exact command that produced it; a single configuration can be re-measured with
+e.g. `bench/bench_meta_step.py --suite default --only headline` (or `--only tasks`, `--only T1024`, ...), or
+with explicit `--width/--heads/--layers/--seq/--tasks/--inner-steps/--procs/--vocab/--modes`.
+
+## What is measured
+
+One meta-step = the meta-gradient over N tasks (K inner AdamW steps on K support batches each, then the query
+batch) plus the outer AdamW update; MetaICL = one first-order AdamW step on exactly the same N·(K+1) batches.
+Modes: `exact` (reverse-over-reverse HVP), `mixed` (forward-over-reverse), `fd` (finite-difference HVP),
+`first_order` (FOMAML through the AdamW inner step) — `mamlen.core.MetaEngine`, attention chosen by the engine
+(`mamlen` = the tiled second-order attention, `sdpa` for first-order-only modes) — and `reference`
+(`bench/reference.py`: the same step written the obvious way — inner AdamW unrolled with `create_graph=True` through
+`torch.func.functional_call` on per-parameter tensors, eager attention, no checkpointing, then
+`autograd.grad(L_Q(φ_K), θ)`; `tests/bench/test_reference_matches_engine.py` proves it computes the engine's G in
+float64 to 1e-9).
+
+- Every (configuration, mode) runs in its own process: a fork of a parent that has only imported torch,
+  transformers and mamlen (Linux starts a forked child's `ru_maxrss` at its RSS at fork; a fresh interpreter, the
+  `--exec` option, starts ~0.14 GB higher because it maps more library pages, and is ~30 s slower to start here),
+  or torchrun ranks for P > 1. Random-init GPT-2 (fp32, no dropout), batch 1, random tokens, labels -100 on the
+  first half (the prompt). Shared moments from a seeded mid-training state (step 10).
+- Time: a warm-up meta-gradient, then R timed meta-steps; median and p20/p80 of wall seconds, and the median CPU
+  seconds of the process (`time.process_time`). **This 2-core machine was shared with 4 other jobs (load average
+  6–9) while these numbers were taken**: wall time is inflated ~2–3× by waiting for a core and varies from run to
+  run, CPU time much less — read ratios from the CPU column. One torch thread per configuration (`--threads 1`):
+  measured before the suite, a MetaICL step of width 256, 4 layers, T = 256 took 22.8 s wall with 2 threads and
+  16.6 s with 1 — under that load, a second OpenMP thread mostly spins.
+  Configurations with `repeats = 0` (the headline) time the warm-up meta-gradient itself: one sample, no outer
+  update (which is elementwise and small), no p20/p80.
+- tokens/s = N·(K+1)·T input tokens per step / median wall seconds.
+- Memory: peak RSS of the process (`ru_maxrss`); Δ peak = peak − RSS right after building model, optimizer state
+  and batches, i.e. the meta-step's own working memory. With P > 1: per-rank maximum (the JSON has each rank).
+- G check: every mode's warm-up meta-gradient against the reference's, all from the same θ, moments and batches,
+  in float32 (`‖G−G_ref‖/‖G_ref‖`). For `first_order` this is how far FOMAML is from the true meta-gradient.
+- **Floor** (column `floor ×`): a second-order meta-step needs at least the K support gradients, the query gradient
+  and K Hessian-vector products. Counting a gradient (forward + backward) as one unit and — optimistically — an HVP
+  as one unit as well, the floor is (2K+1) units against the K+1 units of first-order steps on the same tokens:
+  floor = (2K+1)/(K+1) × the MetaICL time (1.5× at K = 1, 1.67× at K = 2, 1.75× at K = 3). In FLOPs an HVP is
+  ≈ 2 gradients (forward-over-reverse) — the floor is a lower bound, not an expectation. `×MetaICL time` is each
+  mode's median divided by the MetaICL median of the same configuration and run.
+"""
+
+
+def main():
+    docs = load()
+    total = sum(sum(sum(r.get("times_s", [])) + r.get("warmup_s", 0) for r in d["rows"]) for d in docs)
+    minutes = f"{max(1, round(total * 1.3 / 60))} minutes" if docs else "?"
+    md = [HEADER.format(minutes=minutes)]
+    md += targets(docs)
+    imgs = plots(docs)
+    for tag, title, field in AXES:
+        t = table(docs, tag, field)
+        if t:
+            md += [f"## {title}", ""] + t
+            if tag in ("seq", "tasks", "inner_steps", "width"):
+                md += [i for i in imgs if f"_vs_{tag}.png" in i] + [""]
+    md += fragments()
+    OUT.write_text("\n".join(md).rstrip() + "\n")
+    print(f"wrote {OUT.relative_to(HERE.parent)} ({len(docs)} configuration(s), {len(imgs)} plot(s))")
+
+
+if __name__ == "__main__":
+    main()
