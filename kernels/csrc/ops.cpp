@@ -15,6 +15,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <string>
+#include <utility>
+#include <vector>
 #include <cmath>
 #include <cstdint>
 #if defined(_OPENMP)
@@ -29,27 +32,53 @@
 namespace mamlen::cpu {
 namespace {
 
-RunChunk pick_variant() {
-  const std::string cap = at::get_cpu_capability();  // "AVX512", "AVX2", "DEFAULT", ... (exported by ATen)
+// The variants this build has and this CPU may run, best first: what at::get_cpu_capability() allows
+// ("AVX512", "AVX2", "DEFAULT", ...; exported by ATen, honours ATEN_CPU_CAPABILITY).
+std::vector<std::pair<std::string, RunChunk>> allowed_variants() {
+  const std::string cap = at::get_cpu_capability();
+  std::vector<std::pair<std::string, RunChunk>> out;
 #if defined(MAMLEN_HAVE_AVX512)
-  if (cap == "AVX512") return &AVX512::run_chunk;
+  if (cap == "AVX512") out.emplace_back("avx512", &AVX512::run_chunk);
 #endif
 #if defined(MAMLEN_HAVE_AVX2)
-  if (cap == "AVX2" || cap == "AVX512") return &AVX2::run_chunk;
+  if (cap == "AVX2" || cap == "AVX512") out.emplace_back("avx2", &AVX2::run_chunk);
 #endif
   (void)cap;
-  return &DEFAULT::run_chunk;
+  out.emplace_back("default", &DEFAULT::run_chunk);
+  return out;
 }
 
-const char* variant_name() {
-  static const RunChunk fn = pick_variant();
-#if defined(MAMLEN_HAVE_AVX512)
-  if (fn == &AVX512::run_chunk) return "avx512";
-#endif
-#if defined(MAMLEN_HAVE_AVX2)
-  if (fn == &AVX2::run_chunk) return "avx2";
-#endif
-  return "default";
+std::atomic<RunChunk> g_variant{nullptr};
+
+RunChunk variant() {
+  RunChunk fn = g_variant.load(std::memory_order_acquire);
+  if (fn == nullptr) {
+    fn = allowed_variants().front().second;
+    g_variant.store(fn, std::memory_order_release);
+  }
+  return fn;
+}
+
+std::string cpu_variant() {
+  const RunChunk fn = variant();
+  for (const auto& [name, f] : allowed_variants())
+    if (f == fn) return name;
+  return "unknown";
+}
+
+// Tests (and anyone comparing variants) switch at run time; only variants this CPU supports are accepted.
+std::string set_cpu_variant(const std::string& name) {
+  const std::string previous = cpu_variant();
+  std::string names;
+  for (const auto& [n, f] : allowed_variants()) {
+    if (n == name) {
+      g_variant.store(f, std::memory_order_release);
+      return previous;
+    }
+    names += (names.empty() ? "" : ", ") + n;
+  }
+  TORCH_CHECK(false, "set_cpu_variant: '", name, "' is not available on this build/CPU; available: ", names);
+  return previous;
 }
 
 // Threading: OpenMP over fixed chunks handed out dynamically (an atomic counter), not one static slice per
@@ -65,7 +94,7 @@ constexpr int64_t kChunk = int64_t(1) << 16;
 constexpr int64_t kStreamMin = int64_t(1) << 20;
 
 void run(Op op, Dt dt, const Buffers& buf, int64_t n, Hyper h) {
-  static const RunChunk fn = pick_variant();
+  const RunChunk fn = variant();
   const bool in_place = op == Op::SgdStep || op == Op::FdCombine || buf.out[0] == buf.in[0];
   h.stream = !in_place && n >= kStreamMin;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
@@ -289,8 +318,6 @@ void fd_combine_(const at::Tensor& acc, const at::Tensor& g_plus, const at::Tens
   run(Op::FdCombine, dt, b, acc.numel(), h);
 }
 
-std::string cpu_variant() { return variant_name(); }
-
 }  // namespace
 }  // namespace mamlen::cpu
 
@@ -308,5 +335,9 @@ TORCH_LIBRARY_IMPL(mamlen, CPU, m) {
   m.impl("fd_combine_", &fd_combine_);
 }
 
-// Which SIMD variant the kernels run (for tests and benchmark reports): torch.ops.mamlen_info.cpu_variant()
-TORCH_LIBRARY(mamlen_info, m) { m.def("cpu_variant() -> str", &mamlen::cpu::cpu_variant); }
+// Which SIMD variant the kernels run (for tests and benchmark reports): torch.ops.mamlen_info.cpu_variant();
+// set_cpu_variant("default" | "avx2" | "avx512") switches and returns the previous one.
+TORCH_LIBRARY(mamlen_info, m) {
+  m.def("cpu_variant() -> str", &mamlen::cpu::cpu_variant);
+  m.def("set_cpu_variant(str name) -> str", &mamlen::cpu::set_cpu_variant);
+}
