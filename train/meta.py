@@ -139,7 +139,7 @@ def train(cfg: config.Config, rank: int = 0, world: int = 1, device=torch.device
         lambda mod, inp, out: out * float("nan") if poison["on"] else None)
     mine = list(range(rank, cfg.train.tasks_per_step, world))
     peak_lr, peak_inner = cfg.engine.outer_lr, cfg.engine.inner_lr
-    status, step = 0, start
+    status, step, last_eval = 0, start, (None, None)
     for step in range(start + 1, cfg.train.max_steps + 1):
         f = cfg.lr.factor(step, cfg.train.max_steps)
         mcfg.outer_lr = peak_lr * f
@@ -164,13 +164,18 @@ def train(cfg: config.Config, rank: int = 0, world: int = 1, device=torch.device
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
             save(step)
         if cfg.eval.every and step % cfg.eval.every == 0 and rank == 0:
-            run_eval(cfg, model, tok, eval_tasks, log, step, "periodic")
+            last_eval = (step, run_eval(cfg, model, tok, eval_tasks, log, step, "periodic"))
     if status == 0 and cfg.eval.after and rank == 0:
-        after = run_eval(cfg, model, tok, eval_tasks, log, step, "after")
+        if last_eval[0] == step:  # the periodic evaluation of the last step is the final one
+            after = last_eval[1]
+        else:
+            after = run_eval(cfg, model, tok, eval_tasks, log, step, "after")
         before = before or log.find_eval("before")  # a resumed run reads it back from eval.jsonl
         if before is not None:
             log.write("unseen tasks, before vs after meta-training:\n" + side_by_side(before, after))
     log.close()
+    if world > 1:
+        dist.barrier()  # the other ranks wait here while rank 0 evaluates
     return status
 
 
