@@ -126,7 +126,7 @@ def _triton():
         try:
             import mamlen.kernels.triton as tr  # imports triton; registers the CUDA kernels of the ops
             _TRITON = tr
-        except ImportError:
+        except (ImportError, RuntimeError, OSError):  # missing or broken triton: no Triton variant
             _TRITON = False
     return _TRITON
 
