@@ -20,7 +20,8 @@ Tokens per step = N·(K+1)·T input tokens (support + query; MetaICL gets exactl
 
 Modes: exact, mixed, fd, first_order (MetaEngine, attention chosen by the engine), metaicl (engine.metaicl_step
 on the same N·(K+1) batches: the first-order yardstick), reference (bench/reference.py: unrolled create_graph,
-eager attention). Variants: "exact+ckpt" (activation checkpointing), "exact+keep" (inner_graph="keep").
+eager attention). Variants: "exact+ckpt" (activation checkpointing), "exact+keep" (inner_graph="keep"),
+"exact+eager" (eager attention instead of the engine's choice).
 
 Theoretical floor (column "floor"): a second-order meta-step needs at least the K support gradients, the query
 gradient and K Hessian-vector products. Counting one gradient (forward + backward) as one unit and, optimistically,
@@ -84,8 +85,9 @@ def _suite(name):
     if name != "default":
         raise SystemExit(f"unknown suite {name!r}: smoke or default")
     # base of the scaling axes: width 256 / 4 heads / 2 layers, vocabulary 8192 (so that the LM head does not
-    # dominate small widths), T = 256, N = 1 task, K = 1, P = 1 process
-    base = dict(width=256, heads=4, layers=2, seq=256, tasks=1, inner_steps=1, procs=1, vocab=8192, repeats=2)
+    # dominate small widths), T = 128, N = 1 task, K = 1, P = 1 process. Sized so the suite takes ~40 minutes on a
+    # 2-core machine shared with other jobs.
+    base = dict(width=256, heads=4, layers=2, seq=128, tasks=1, inner_steps=1, procs=1, vocab=8192, repeats=2)
     shapes = {}
 
     def add(axis, **kw):
@@ -94,19 +96,20 @@ def _suite(name):
         shapes[s.name].axes.append(axis)
 
     # the targets of issue 7 first: GPT-2 Medium width (1024, 16 heads, GPT-2 vocabulary), T = 1024, 2 of its 24
-    # layers (the reference's unrolled graph must fit next to 4 other jobs); one timed meta-gradient per mode
+    # layers (time: one exact meta-step takes minutes here); one timed meta-gradient per mode
     add("headline", width=1024, heads=16, layers=2, seq=1024, vocab=GPT2_VOCAB, repeats=0,
         modes=["reference", "exact", "fd", "metaicl", "first_order", "mixed"])
     for n in (1, 2, 4, 8):
-        add("tasks", tasks=n)
-    for T in (128, 256, 512, 1024):
+        add("tasks", tasks=n, repeats=2 if n <= 4 else 1)
+    for T in (128, 256, 512):
         add("seq", seq=T)
     for k in (1, 2, 3):
         add("inner_steps", inner_steps=k)
-    for w, h in ((128, 2), (256, 4), (512, 8), (1024, 16)):
-        add("width", width=w, heads=h)
     for p in (1, 2):
         add("procs", tasks=2, procs=p)
+    for w, h in ((128, 2), (256, 4), (512, 8)):
+        add("width", width=w, heads=h)
+    add("seq", seq=1024)  # the most expensive point of the axes last
     return list(shapes.values())
 
 
@@ -181,7 +184,26 @@ def _kernels_version():
     return {"so": None, "modules": len(mods)}
 
 
-def worker(shape: Shape, mode: str, device: str, out: str, save_g: str | None, ref_g: str | None, threads: int):
+def _experiment_split_views():
+    """EXPERIMENT (--experiment split-views), not the shipped engine: ParamArena.views via one torch.split per flat
+    buffer instead of one slice per parameter. Same values and gradients; but the backward of a slice materialises
+    a zero tensor of the WHOLE flat buffer per parameter (aten::slice_backward: zeros + add), while the backward of
+    split is one cat. The change suggested for core/arena.py; applied here by monkeypatching the child only."""
+    import torch
+    from mamlen.core.arena import ParamArena
+
+    def views(self, flats):
+        out = {}
+        for i, flat in enumerate(flats):
+            names = self.names[i]
+            for n, part in zip(names, torch.split(flat, [self.slots[n].numel for n in names])):
+                out[n] = part.view(self.slots[n].shape)
+        return out
+    ParamArena.views = views
+
+
+def worker(shape: Shape, mode: str, device: str, out: str, save_g: str | None, ref_g: str | None, threads: int,
+           experiment: str = ""):
     """One measurement: runs in a forked child of a process that has only imported torch/transformers/mamlen
     (procs = 1), or as a torchrun rank (procs > 1). Writes its row as JSON to `out` (rank 0)."""
     import torch
@@ -189,6 +211,8 @@ def worker(shape: Shape, mode: str, device: str, out: str, save_g: str | None, r
 
     from mamlen.core import MetaConfig, MetaEngine
 
+    if experiment == "split-views":
+        _experiment_split_views()
     world, rank = 1, 0
     if shape.procs > 1:
         dist.init_process_group("gloo")
@@ -215,7 +239,8 @@ def worker(shape: Shape, mode: str, device: str, out: str, save_g: str | None, r
     else:
         hvp = "first_order" if base == "metaicl" else base
         cfg = MetaConfig(hvp=hvp, inner_steps=shape.inner_steps, checkpointing=variant == "ckpt",
-                         inner_graph="keep" if variant == "keep" else "recompute", **HP)
+                         inner_graph="keep" if variant == "keep" else "recompute",
+                         attn_implementation="eager" if variant == "eager" else None, **HP)
         engine = MetaEngine(model, cfg)
         engine.load_optimizer_state(state)
         attn = engine.attn_implementation
@@ -306,11 +331,13 @@ def _meta(device):
                 date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), loadavg_start=os.getloadavg()[0])
 
 
-def _launch(shape, mode, device, out, gfile, ref_g, threads, timeout, fresh):
+def _launch(shape, mode, device, out, gfile, ref_g, threads, timeout, fresh, experiment=""):
     """Run one measurement in its own process; returns an error text or None."""
     if shape.procs > 1 or fresh:
         args = [str(HERE / "bench_meta_step.py"), "--worker", json.dumps(asdict(shape)), "--mode", mode,
                 "--device", device, "--out", str(out), "--threads", str(threads)]
+        if experiment:
+            args += ["--experiment", experiment]
         if gfile:
             args += ["--save-g", str(gfile), "--ref-g", str(ref_g)]
         cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(shape.procs)]
@@ -330,7 +357,8 @@ def _launch(shape, mode, device, out, gfile, ref_g, threads, timeout, fresh):
     if pid == 0:
         code = 0
         try:
-            worker(shape, mode, device, str(out), str(gfile) if gfile else None, str(ref_g) if ref_g else None, threads)
+            worker(shape, mode, device, str(out), str(gfile) if gfile else None, str(ref_g) if ref_g else None, threads,
+                   experiment)
         except BaseException:
             import traceback
             errfile.write_text(traceback.format_exc())
@@ -352,7 +380,8 @@ def _launch(shape, mode, device, out, gfile, ref_g, threads, timeout, fresh):
     return None
 
 
-def run_shape(shape: Shape, device: str, timeout: float, command: str, threads: int, fresh=False):
+def run_shape(shape: Shape, device: str, timeout: float, command: str, threads: int, fresh=False, label="",
+              experiment=""):
     meta = _meta(device)
     tmp = Path(tempfile.mkdtemp(prefix="mamlen-bench-"))
     rows = []
@@ -364,12 +393,12 @@ def run_shape(shape: Shape, device: str, timeout: float, command: str, threads: 
         out = tmp / f"{mode}.json"
         gfile = None if mode.startswith("metaicl") else tmp / f"G-{mode}.pt"
         t0 = time.time()
-        err = _launch(shape, mode, device, out, gfile, ref_g, threads, timeout, fresh)
+        err = _launch(shape, mode, device, out, gfile, ref_g, threads, timeout, fresh, experiment)
         retried = None
         if err and not err.startswith("timeout"):  # e.g. SIGSEGV while another job rewrote a shared library
             retried = err[-300:]
             print(f"   {mode:12s} crashed ({err.strip().splitlines()[-1][-120:]}); retrying once", flush=True)
-            err = _launch(shape, mode, device, out, gfile, ref_g, threads, timeout, fresh)
+            err = _launch(shape, mode, device, out, gfile, ref_g, threads, timeout, fresh, experiment)
         if gfile and gfile.exists() and mode != "reference":
             gfile.unlink()  # checked by the child already; G files are parameter-sized
         if err:
@@ -417,15 +446,16 @@ def run_shape(shape: Shape, device: str, timeout: float, command: str, threads: 
     tmp.rmdir()
     meta["loadavg_end"] = os.getloadavg()[0]
     meta["threads"] = threads
+    meta["experiment"] = experiment or None
     meta["launcher"] = "torchrun" if shape.procs > 1 else ("exec" if fresh else "fork")
     meta["command"] = command
     floor = dict(ratio=(2 * K + 1) / (K + 1), model="(K support gradients + 1 query gradient + K HVPs at 1 gradient "
                  "each) / (K+1 gradients of a first-order step on the same tokens)")
     if mi:
         floor["seconds"] = floor["ratio"] * mi["median_s"]
-    doc = dict(meta=meta, config={**asdict(shape), "name": shape.name}, floor=floor, rows=rows)
+    doc = dict(meta=meta, config={**asdict(shape), "name": shape.name, "label": label}, floor=floor, rows=rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"meta_step-{shape.name}.json"
+    path = RESULTS / f"meta_step-{shape.name}{'-' + label if label else ''}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"   -> {path.relative_to(HERE.parent)}", flush=True)
     return doc
@@ -446,7 +476,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3,
                     help="timed meta-steps after the warm-up (0: time the warm-up meta-gradient itself)")
     ap.add_argument("--modes", nargs="+", default=list(MODES),
-                    help=f"of {', '.join(MODES)}; variants exact+ckpt, exact+keep, fd+ckpt, mixed+ckpt")
+                    help=f"of {', '.join(MODES)}; variants +ckpt (checkpointing), +keep (exact: inner_graph=keep), "
+                         "+eager (eager attention)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per (configuration, mode) subprocess")
     ap.add_argument("--threads", type=int, default=None,
@@ -454,6 +485,10 @@ def main():
                          "with other jobs, a second OpenMP thread mostly spins — see RESULTS.md)")
     ap.add_argument("--exec", action="store_true",
                     help="a fresh interpreter per measurement instead of a fork of this one (slower start)")
+    ap.add_argument("--label", default="", help="appended to the JSON name (explicit runs that share a suite shape)")
+    ap.add_argument("--experiment", default="", choices=["", "split-views"],
+                    help="split-views: measure the engine with a suggested core/arena.py change monkeypatched into "
+                         "the measured process (NOT the shipped engine; labelled as such in the JSON)")
     ap.add_argument("--list", action="store_true", help="print the configurations and exit")
     # internal: one measured process
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -467,7 +502,8 @@ def main():
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     if args.worker:
-        worker(Shape(**json.loads(args.worker)), args.mode, args.device, args.out, args.save_g, args.ref_g, threads)
+        worker(Shape(**json.loads(args.worker)), args.mode, args.device, args.out, args.save_g, args.ref_g, threads,
+               args.experiment)
         return
     # the slow imports every measured child needs, done once here (no torch op runs in this process: safe to
     # fork). NOT mamlen: each child loads the kernels' shared library itself, so a library rebuilt in place while
@@ -496,7 +532,9 @@ def main():
     command = "python bench/bench_meta_step.py " + " ".join(sys.argv[1:])
     t0 = time.time()
     for s in shapes:
-        run_shape(s, args.device, args.timeout, command, threads, fresh=args.exec)
+        label = args.label or args.experiment
+        run_shape(s, args.device, args.timeout, command, threads, fresh=args.exec, label=label,
+                  experiment=args.experiment)
     print(f"done: {len(shapes)} configuration(s) in {time.time() - t0:.0f} s", flush=True)
 
 
