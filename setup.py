@@ -75,7 +75,8 @@ setup(
     package_data={
         "mamlen.kernels": ["csrc/*.cpp", "csrc/*.h"],
         # the shipped task suite, presets and tokenizer assets are read at run time from the package
-        "mamlen.train": ["suite/**/*", "presets/*.yaml", "assets/*"],
+        "mamlen.train": ["suite/*.json", "suite/*.md", "suite/settings/*.json", "suite/*/*.jsonl",
+                         "presets/*.yaml"],
     },
     ext_modules=[CMakeExtension("mamlen.kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
