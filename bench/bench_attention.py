@@ -119,6 +119,7 @@ def main():
     ap.add_argument("--attention-only", action="store_true",
                     help="16 heads x 64 dims, `layers` chained causal attention calls, nothing else")
     ap.add_argument("--out", help="append markdown rows to this file")
+    ap.add_argument("--render", help="re-render the markdown table from the JSON lines of an earlier run's log")
     args = ap.parse_args()
     if args.one:
         if args.attention_only:
@@ -130,7 +131,10 @@ def main():
     import torch
     import transformers
     rows = []
-    for layers in args.layers:
+    if args.render:
+        with open(args.render) as f:
+            rows = [json.loads(x) for x in f if x.startswith("{")]
+    for layers in ([] if args.render else args.layers):
         for T in args.T:
             for impl in args.impl:
                 cmd = [sys.executable, os.path.abspath(__file__), "--one", "--impl", impl, "--T", str(T),
