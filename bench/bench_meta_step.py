@@ -6,13 +6,16 @@
     .venv/bin/python bench/report.py                                 # regenerate bench/RESULTS.md + plots
 
 Per configuration (model width/depth, sequence length T, tasks per step N = exploration states, inner steps K,
-processes P) and per mode, one FRESH subprocess (under `torchrun --standalone --nproc_per_node P`, gloo, when
-P > 1) builds a random-init GPT-2 (fp32, no dropout, GPT-2 vocabulary unless --vocab), N tasks of K support
-batches + 1 query batch (batch 1, T random tokens, labels -100 on the first half: the prompt), shared AdamW
+processes P) and per mode, a process of its own — a fork of this one, which has imported torch and transformers
+but run no torch op (a forked child's ru_maxrss starts at its RSS at fork, so the peak is that measurement's
+alone; `--exec` uses a fresh interpreter instead, ~30 s slower to start on a busy machine), or torchrun ranks
+(`--standalone --nproc_per_node P`, gloo) when P > 1 — builds a random-init GPT-2 (fp32, no dropout, GPT-2
+vocabulary unless --vocab), N tasks of K support batches + 1 query batch (batch 1, T random tokens, labels -100 on the first half: the prompt), shared AdamW
 moments from a seeded "mid-training" state (step 10, m ~ 1e-3·N(0,1), v ~ 1e-6·U(0,1)), then:
-  1. warm-up: G = meta_gradient(tasks) (MetaICL: one step), saved so the parent can compare every mode's G with
-     the reference's — all processes start from the same θ, state and batches;
-  2. R timed meta-steps (meta-gradient + outer AdamW): median and p20/p80 seconds, tokens/s;
+  1. warm-up: G = meta_gradient(tasks) (MetaICL: one step). The reference runs first and saves its G; every
+     later mode compares its own G with it after its measurements (all start from the same θ, state, batches);
+  2. R timed meta-steps (meta-gradient + outer AdamW): median and p20/p80 wall seconds, median CPU seconds of
+     the process (robust to other jobs on the machine), tokens/s; torch threads: --threads (default 1);
   3. memory: peak RSS of the process (ru_maxrss) next to the RSS right after building the model and after
      building everything (model, optimizer state, batches) — the difference is the meta-step's own peak;
      torch.cuda.max_memory_allocated on CUDA. With P > 1, per-rank maximum and sum over ranks.
