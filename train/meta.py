@@ -107,8 +107,10 @@ def train(cfg: config.Config, rank: int = 0, world: int = 1, device=torch.device
         rngs = ck.state["rng"]
         if len(rngs) == world:
             checkpoint.set_rng_state(rngs[rank])
-        elif rank == 0:
-            print(f"note: checkpoint saved by {len(rngs)} ranks, resuming on {world}: dropout RNG reseeded")
+        else:  # a different world size: no saved state fits; reseed from (seed, step, rank)
+            torch.manual_seed(cfg.train.seed + 1_000_003 * rank + 7_919 * start)
+            if rank == 0:
+                print(f"note: checkpoint saved by {len(rngs)} ranks, resuming on {world}: dropout RNG reseeded")
     log = Logger(cfg.output_dir, enabled=rank == 0, start_step=start, max_steps=cfg.train.max_steps,
                  progress=cfg.log.progress, tensorboard=cfg.log.tensorboard, log_every=cfg.log.every)
     if ck is not None:
