@@ -26,7 +26,7 @@ AXES = [  # (tag, title, the Shape field that varies)
     ("seq", "Sequence length T", "seq"),
     ("inner_steps", "Inner steps K", "inner_steps"),
     ("width", "Model width", "width"),
-    ("procs", "Processes (torchrun, gloo; tasks split over ranks)", "procs"),
+    ("procs", "Processes (torchrun, gloo; tasks split over ranks; CPU s = rank 0's process, peak RSS = the largest rank's)", "procs"),
     ("smoke", "Smoke suite (tiny; checks that everything runs)", None),
     ("custom", "Other configurations (explicit --width/--seq/... runs)", None),
 ]
@@ -276,17 +276,17 @@ Modes: `exact` (reverse-over-reverse HVP), `mixed` (forward-over-reverse), `fd` 
 `autograd.grad(L_Q(φ_K), θ)`; `tests/bench/test_reference_matches_engine.py` proves it computes the engine's G in
 float64 to 1e-9).
 
-- Every (configuration, mode) runs in its own process: a fork of a parent that has only imported torch,
-  transformers and mamlen (Linux starts a forked child's `ru_maxrss` at its RSS at fork; a fresh interpreter, the
+- Every (configuration, mode) runs in its own process: a fork of a parent that has only imported torch and
+  transformers (each child imports mamlen itself; Linux starts a forked child's `ru_maxrss` at its RSS at fork; a fresh interpreter, the
   `--exec` option, starts ~0.14 GB higher because it maps more library pages, and is ~30 s slower to start here),
   or torchrun ranks for P > 1. Random-init GPT-2 (fp32, no dropout), batch 1, random tokens, labels -100 on the
   first half (the prompt). Shared moments from a seeded mid-training state (step 10).
 - Time: a warm-up meta-gradient, then R timed meta-steps; median and p20/p80 of wall seconds, and the median CPU
-  seconds of the process (`time.process_time`). **This 2-core machine was shared with 4 other jobs (load average
-  6–9) while these numbers were taken**: wall time is inflated ~2–3× by waiting for a core and varies from run to
-  run, CPU time much less — read ratios from the CPU column. One torch thread per configuration (`--threads 1`):
-  measured before the suite, a MetaICL step of width 256, 4 layers, T = 256 took 22.8 s wall with 2 threads and
-  16.6 s with 1 — under that load, a second OpenMP thread mostly spins.
+  seconds of the process (`time.process_time`). **This 2-core machine is shared with other jobs** (load average
+  {load} over the runs below; each table gives it at the start → end of its configuration): under load, wall time
+  is inflated up to ~4× by waiting for a core and varies from run to run, CPU time much less — read ratios from the
+  CPU column. One torch thread per configuration (`--threads 1`): under a load of ~8, a MetaICL step of width 256,
+  4 layers, T = 256 took 22.8 s wall with 2 threads and 16.6 s with 1 (a second OpenMP thread mostly spun).
   Configurations with `repeats = 0` (the headline) time the warm-up meta-gradient itself: one sample, no outer
   update (which is elementwise and small), no p20/p80.
 - tokens/s = N·(K+1)·T input tokens per step / median wall seconds.
@@ -435,9 +435,12 @@ def experiments(exps, docs):
 
 def main():
     docs, exps = load()
-    total = sum(sum(sum(r.get("times_s", [])) + r.get("warmup_s", 0) for r in d["rows"]) for d in docs)
-    minutes = f"{max(1, round(total * 1.3 / 60))} minutes" if docs else "?"
-    md = [HEADER.format(minutes=minutes)]
+    suite = [d for d in docs if not set(d["config"].get("axes", [])) & {"custom", "smoke"}]
+    total = sum(sum(sum(r.get("times_s", [])) + r.get("warmup_s", 0) for r in d["rows"]) for d in suite)
+    minutes = f"{max(1, round(total * 1.3 / 60))} minutes" if suite else "?"
+    loads = [x for d in docs for x in (d["meta"].get("loadavg_start"), d["meta"].get("loadavg_end")) if x is not None]
+    load_range = f"{min(loads):.1f}–{max(loads):.1f}" if loads else "?"
+    md = [HEADER.format(minutes=minutes, load=load_range)]
     md += targets(docs)
     md += findings(docs, exps)
     imgs = plots(docs)
