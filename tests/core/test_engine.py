@@ -285,20 +285,34 @@ def test_zero_gradient_lanes_are_finite(tiny, gen):
     assert torch.count_nonzero(G["transformer.wpe.weight"][9:]) == 0
 
 
-# Lower precision: an AdamW inner step from near-zero moments is sign-like (m/√v), so its derivative amplifies
-# rounding by ~1/|g|; SGD inner steps are well conditioned. Tolerances reflect that, measured against float64.
-@pytest.mark.parametrize("inner,fp32_tol,bf16_tol", [("sgd", 1e-5, 2e-2), ("adamw", 1e-3, 0.2)])
-def test_lower_precision_close_to_float64(tiny, gen, inner, fp32_tol, bf16_tol):
+# Lower precision against float64. An AdamW inner step from near-zero moments is sign-like (m/√v ≈ ±1) and its
+# derivative amplifies rounding by ~1/|g|; from running moments (v ≫ g², the shared-moments regime after a few
+# steps) it is well conditioned, as SGD is. Both regimes get a tolerance that the measured error (fp32 ~2e-7,
+# bf16 ~4e-3) clears by ~5x.
+def running_state(model, gen):
+    return {"step": 10,
+            "exp_avg": {n: 1e-3 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in model.named_parameters()},
+            "exp_avg_sq": {n: 1e-3 * (1 + torch.rand(p.shape, generator=gen, dtype=p.dtype))
+                           for n, p in model.named_parameters()}}
+
+
+@pytest.mark.parametrize("inner", ["sgd", "adamw"])
+def test_lower_precision_close_to_float64(tiny, gen, inner):
     tasks = make_tasks(tiny, gen, K=2)
+    state = running_state(tiny.gpt2(), gen)
     kw = dict(BASE, inner_lr=1e-3, inner_optimizer=inner, inner_steps=2)
-    G64 = MetaEngine(tiny.gpt2(torch.float64), MetaConfig(hvp="exact", **kw)).meta_gradient(tasks)
-    as64 = lambda G: {n: g.double() for n, g in G.items()}
-    G32 = MetaEngine(tiny.gpt2(torch.float32), MetaConfig(hvp="exact", **kw)).meta_gradient(tasks)
-    assert rel_err(as64(G32), G64) < fp32_tol
+
+    def run(dtype, **extra):
+        engine = MetaEngine(tiny.gpt2(dtype), MetaConfig(**kw, **extra))
+        engine.load_optimizer_state({"step": state["step"],
+                                     **{k: {n: t.to(dtype) for n, t in state[k].items()}
+                                        for k in ("exp_avg", "exp_avg_sq")}})
+        return {n: g.double() for n, g in engine.meta_gradient(tasks).items()}
+
+    G64 = run(torch.float64, hvp="exact")
+    assert rel_err(run(torch.float32, hvp="exact"), G64) < 1e-6
     for hvp in ("exact", "mixed"):
-        Gb = MetaEngine(tiny.gpt2(torch.float32),
-                        MetaConfig(hvp=hvp, autocast_dtype=torch.bfloat16, **kw)).meta_gradient(tasks)
-        assert rel_err(as64(Gb), G64) < bf16_tol, hvp
+        assert rel_err(run(torch.float32, hvp=hvp, autocast_dtype=torch.bfloat16), G64) < 2e-2, hvp
 
 
 def test_nonfinite_step_is_skipped(tiny, gen):
