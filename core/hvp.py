@@ -97,10 +97,12 @@ def hvp_fd_into(obj, flats, batch, rng, vec, acc, *, fd_eps):
     if norm == 0.0:
         return
     r = fd_eps / norm
-    plus, minus = zip(*(kernels.fd_perturb(f, v, r) for f, v in zip(flats, vec)))
-    _, g_plus = gradient(obj, list(plus), batch, rng)
+    # one perturbed point alive at a time (the fused op writes both; the unused one is dropped at once)
+    plus = [kernels.fd_perturb(f, v, r)[0] for f, v in zip(flats, vec)]
+    _, g_plus = gradient(obj, plus, batch, rng)
     del plus
-    _, g_minus = gradient(obj, list(minus), batch, rng)
+    minus = [kernels.fd_perturb(f, v, r)[1] for f, v in zip(flats, vec)]
+    _, g_minus = gradient(obj, minus, batch, rng)
     del minus
     for a, gp, gm in zip(acc, g_plus, g_minus):
         kernels.fd_combine_(a, gp, gm, 1.0 / (2 * r))
