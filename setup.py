@@ -60,7 +60,11 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"CMake finished but {built} is missing")
         dest = Path(self.get_ext_fullpath(ext.name))
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(built, dest)
+        # copy then rename: a process that has the old library mapped keeps its inode (copying over it in
+        # place crashes such processes)
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.copyfile(built, tmp)
+        os.replace(tmp, dest)
 
 
 PKGS, DIRS = packages()

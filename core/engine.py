@@ -10,8 +10,10 @@ Per task i (support batches S_1..S_K, query Q), starting from φ_0 = θ and the 
     G = mean_i G_i (all ranks);  outer AdamW/SGD on θ, m, v, t                                  [kernels]
 
 Memory: per task the forward keeps, per inner step, φ_{j-1} (for j ≥ 2), g_j, m_j, v_j as flat buffers —
-4 parameter-sized buffers per step — and no autograd graph (inner_graph="recompute"); the reverse pass frees
-them as it goes. At most one second-order graph is alive at any time.
+4 parameter-sized buffers per step — and no autograd graph (inner_graph="recompute"); the reverse pass runs
+the adjoint in place over them (p̄ in place, ḡ over g_j, m̄/v̄ over m_j/v_j) and frees them as it goes. At
+K = 1 the HVP then runs with θ, m, v, G, p̄, ḡ alive plus its own graph. At most one second-order graph is
+alive at any time.
 """
 from __future__ import annotations
 
@@ -129,7 +131,7 @@ class MetaEngine:
             raise ValueError("meta_gradient: no tasks")
         self.config.validate()
         self.arena.check_bound()
-        G = self.arena.new(_sd)
+        G = []  # the first task's G_i becomes the accumulator: one parameter-sized buffer fewer during it
         q_sum = s_sum = 0.0
         tokens = 0
         for i, task in enumerate(tasks):
@@ -191,22 +193,30 @@ class MetaEngine:
                            for p, gi in zip(phi, g)]
             tape.append((phi, g, m if adamw else None, v if adamw else None, rng, kept))
             phi = phi_new
+        del m, v
 
         # query gradient at φ_K: first-order only
         q_loss, p_bar = hvp.gradient(obj, phi, query, RngState(self.arena.device))
         del phi
         p_bar = [x.to(_sd(x.dtype)) for x in p_bar]
 
-        # reverse recursion
-        m_bar = [torch.zeros_like(x) for x in p_bar] if adamw else None
-        v_bar = [torch.zeros_like(x) for x in p_bar] if adamw else None
+        # reverse recursion. Every elementwise stage writes into buffers that die with it (no allocation):
+        # p̄ in place; ḡ over g_j (unless g_j's storage belongs to a kept graph, or is narrower than ḡ);
+        # m̄, v̄ over m_j, v_j (read lane by lane before written). m̄ = v̄ = 0 at j = K: one zero buffer.
+        m_bar = v_bar = None
         for j in range(len(supports), 0, -1):
             phi_prev, g, m_j, v_j, rng, kept = tape.pop()
             if adamw:
-                outs = [kernels.inner_adamw_adjoint(pb, mb, vb, gi, mi, vi, lr=cfg.inner_lr, beta1=b1, beta2=b2,
-                                                    eps=cfg.eps, weight_decay=cfg.inner_weight_decay, step=t0 + j)
-                        for pb, mb, vb, gi, mi, vi in zip(p_bar, m_bar, v_bar, g, m_j, v_j)]
-                g_bar, p_bar, m_bar, v_bar = [list(x) for x in zip(*outs)]
+                if m_bar is None:
+                    m_bar = v_bar = [torch.zeros_like(x) for x in p_bar]
+                g_bar = [gi if kept is None and gi.dtype == pb.dtype else torch.empty_like(pb)
+                         for gi, pb in zip(g, p_bar)]
+                for gb, pb, mb, vb, gi, mi, vi in zip(g_bar, p_bar, m_bar, v_bar, g, m_j, v_j):
+                    kernels.inner_adamw_adjoint(pb, mb, vb, gi, mi, vi, lr=cfg.inner_lr, beta1=b1, beta2=b2,
+                                                eps=cfg.eps, weight_decay=cfg.inner_weight_decay, step=t0 + j,
+                                                out=(gb, pb, mi, vi))
+                # m_j, v_j now hold β1·m̄, β2·v̄ for step j-1 (unused after j = 1: freed before the HVP)
+                m_bar, v_bar = (m_j, v_j) if j > 1 else (None, None)
             else:
                 outs = [kernels.inner_sgd_adjoint(pb, lr=cfg.inner_lr, weight_decay=cfg.inner_weight_decay)
                         for pb in p_bar]
@@ -227,8 +237,11 @@ class MetaEngine:
                 for pb, h in zip(p_bar, hv):
                     pb.add_(h)
             del phi_prev, g_bar, hv
-        for acc, gi in zip(G, p_bar):
-            acc.add_(gi)
+        if not G:
+            G.extend(p_bar)
+        else:
+            for acc, gi in zip(G, p_bar):
+                acc.add_(gi)
         return float(q_loss), s_first, count_targets(query) + sum(count_targets(b) for b in supports)
 
     # -- the outer update ---------------------------------------------------------------------------------

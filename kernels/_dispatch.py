@@ -34,6 +34,13 @@ SCHEMAS = {
                   "float weight_decay) -> ()"),
     "fd_perturb": "(Tensor p, Tensor d, float r) -> (Tensor, Tensor)",
     "fd_combine_": "(Tensor(a!) acc, Tensor g_plus, Tensor g_minus, float scale) -> ()",
+    # `out=` forms: write into caller buffers, which may be the inputs themselves (lane-wise in place)
+    "inner_adamw_forward_out": (f"(Tensor p, Tensor g, Tensor m, Tensor v, Tensor(a!) p_out, Tensor(b!) m_out, "
+                                f"Tensor(c!) v_out, *, {_HP_ADAMW}) -> ()"),
+    "inner_adamw_adjoint_out": (f"(Tensor p_bar, Tensor m_bar, Tensor v_bar, Tensor g, Tensor m_new, Tensor v_new, "
+                                f"Tensor(a!) g_bar_out, Tensor(b!) p_bar_out, Tensor(c!) m_bar_out, "
+                                f"Tensor(d!) v_bar_out, *, {_HP_ADAMW}) -> ()"),
+    "fd_perturb_out": "(Tensor p, Tensor d, Tensor(a!) plus_out, Tensor(b!) minus_out, float r) -> ()",
 }
 
 _LIB = torch.library.Library("mamlen", "FRAGMENT")
@@ -89,6 +96,10 @@ def _(p, d, r):
 @torch.library.register_fake("mamlen::fd_combine_")
 def _(acc, g_plus, g_minus, scale):
     return None
+
+
+for _name in ("inner_adamw_forward_out", "inner_adamw_adjoint_out", "fd_perturb_out"):
+    torch.library.register_fake(f"mamlen::{_name}")(lambda *args, **kwargs: None)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,6 +214,31 @@ def check_vectors(fn, **tensors):
         if t.device != first.device:
             raise ValueError(f"{fn}: argument '{name}' is on {t.device} but '{first_name}' is on {first.device}")
     return first.device
+
+
+def check_out(fn, out, dtypes, like, inputs):
+    """`out` is a tuple of len(dtypes) flat contiguous tensors shaped like `like`, of those dtypes, each either
+    one of `inputs` exactly (in place) or disjoint from every input (a partial overlap would read lanes
+    already written)."""
+    if not isinstance(out, (tuple, list)) or len(out) != len(dtypes):
+        raise TypeError(f"{fn}: out must be a tuple of {len(dtypes)} tensors, got {type(out).__name__}"
+                        + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
+    for k, (t, dt) in enumerate(zip(out, dtypes)):
+        name = f"out[{k}]"
+        check_vectors(fn, like=like, **{name: t})
+        if t.dtype != dt:
+            raise TypeError(f"{fn}: argument '{name}' must have dtype {dt}, got {t.dtype}")
+        lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        for in_name, x in inputs.items():
+            xlo, xhi = x.data_ptr(), x.data_ptr() + x.numel() * x.element_size()
+            same = xlo == lo and x.dtype == t.dtype
+            if not same and lo < xhi and xlo < hi and t.numel():
+                raise ValueError(f"{fn}: argument '{name}' overlaps input '{in_name}' without being it; "
+                                 "an output must be an input exactly or disjoint from all inputs")
+        for j in range(k):
+            if out[j].data_ptr() == lo and t.numel():
+                raise ValueError(f"{fn}: out[{j}] and out[{k}] are the same buffer")
+    return tuple(out)
 
 
 def check_param_dtype(fn, names, *tensors):

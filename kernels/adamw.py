@@ -10,7 +10,7 @@ tensors are flat, contiguous, 1-D, of one size, on one device. `backend=None` pi
 from mamlen.kernels import _dispatch as D
 
 
-def inner_adamw_forward(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step, backend=None):
+def inner_adamw_forward(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step, out=None, backend=None):
     r"""One inner AdamW step, out of place (nothing is mutated).
 
     .. math::
@@ -18,19 +18,24 @@ def inner_adamw_forward(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step
 
         p_2 = (1 - lr·wd)\,p - lr · a\, m_2 / (s + ε)
 
-    Returns ``(p2, m2, v2)``: p2 in p's dtype, m2 and v2 in the state dtype.
+    Returns ``(p2, m2, v2)``: p2 in p's dtype, m2 and v2 in the state dtype. With ``out=(p2, m2, v2)`` the
+    results are written there (and returned); an output may be the matching input itself (in place).
     """
     fn = "inner_adamw_forward"
     dev = D.check_vectors(fn, p=p, g=g, m=m, v=v)
     pd = D.check_param_dtype(fn, ("p", "g"), p, g)
     D.check_state_dtype(fn, pd, m=m, v=v)
     D.check_hparams(fn, lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps, step=step)
-    return D.call(fn, backend, dev, p, g, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                  weight_decay=weight_decay, step=step)
+    hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
+    if out is None:
+        return D.call(fn, backend, dev, p, g, m, v, **hp)
+    out = D.check_out(fn, out, (pd, m.dtype, m.dtype), p, dict(p=p, g=g, m=m, v=v))
+    D.call(fn + "_out", backend, dev, p, g, m, v, *out, **hp)
+    return out
 
 
 def inner_adamw_adjoint(p_bar, m_bar, v_bar, g, m_new, v_new, *, lr, beta1, beta2, eps, weight_decay, step,
-                        backend=None):
+                        out=None, backend=None):
     r"""One iteration of DESIGN.md's reverse recursion without the Hessian term, out of place.
 
     For the inner step that produced ``m_new, v_new`` from gradient ``g`` (s = sqrt(b v_new)):
@@ -44,15 +49,23 @@ def inner_adamw_adjoint(p_bar, m_bar, v_bar, g, m_new, v_new, *, lr, beta1, beta
 
     Returns ``(g_bar, p_bar_prev, m_bar_prev, v_bar_prev) = (ḡ, (1-lr·wd) p̄, β1 m̄, β2 v̄)``, all in the
     state dtype; the caller adds H·ḡ to p_bar_prev. g has the parameter dtype, every other input the state
-    dtype.
+    dtype. With ``out=(g_bar, p_bar_prev, m_bar_prev, v_bar_prev)`` (state dtype) the results are written there;
+    outputs may be inputs (the engine runs ``out=(g, p_bar, m_bar, v_bar)`` for float32/float64 parameters:
+    the adjoint state updated in place and ḡ written over g, which is not needed afterwards).
     """
     fn = "inner_adamw_adjoint"
     dev = D.check_vectors(fn, p_bar=p_bar, m_bar=m_bar, v_bar=v_bar, g=g, m_new=m_new, v_new=v_new)
     pd = D.check_param_dtype(fn, ("g",), g)
     D.check_state_dtype(fn, pd, p_bar=p_bar, m_bar=m_bar, v_bar=v_bar, m_new=m_new, v_new=v_new)
     D.check_hparams(fn, lr=lr, weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=eps, step=step)
-    return D.call(fn, backend, dev, p_bar, m_bar, v_bar, g, m_new, v_new, lr=lr, beta1=beta1, beta2=beta2,
-                  eps=eps, weight_decay=weight_decay, step=step)
+    hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
+    args = (p_bar, m_bar, v_bar, g, m_new, v_new)
+    if out is None:
+        return D.call(fn, backend, dev, *args, **hp)
+    inputs = dict(p_bar=p_bar, m_bar=m_bar, v_bar=v_bar, g=g, m_new=m_new, v_new=v_new)
+    out = D.check_out(fn, out, (p_bar.dtype,) * 4, g, inputs)
+    D.call(fn + "_out", backend, dev, *args, *out, **hp)
+    return out
 
 
 def adamw_step_(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step, backend=None):

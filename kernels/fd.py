@@ -6,17 +6,22 @@ dtype, float32); `backend=None | "reference" | "cpp" | "triton"`).
 from mamlen.kernels import _dispatch as D
 
 
-def fd_perturb(p, d, r, *, backend=None):
+def fd_perturb(p, d, r, *, out=None, backend=None):
     """The two evaluation points ``(p + r·d, p - r·d)``: computed in the state dtype, returned in p's dtype.
 
     p: parameters (float32, float64, bfloat16); d: direction in the state dtype; r: a Python float.
+    ``out=(plus, minus)``: written there and returned (an output may be p itself).
     """
     fn = "fd_perturb"
     dev = D.check_vectors(fn, p=p, d=d)
     pd = D.check_param_dtype(fn, ("p",), p)
     D.check_state_dtype(fn, pd, d=d)
     D.check_floats(fn, r=r)
-    return D.call(fn, backend, dev, p, d, float(r))
+    if out is None:
+        return D.call(fn, backend, dev, p, d, float(r))
+    out = D.check_out(fn, out, (pd, pd), p, dict(p=p, d=d))
+    D.call(fn + "_out", backend, dev, p, d, *out, float(r))
+    return out
 
 
 def fd_combine_(acc, g_plus, g_minus, scale, *, backend=None):

@@ -84,3 +84,20 @@ def fd_perturb(p, d, r):
 def fd_combine_(acc, g_plus, g_minus, scale):
     """acc += (g_plus - g_minus) · scale, in place, in acc's dtype."""
     acc.add_((g_plus.to(acc.dtype) - g_minus.to(acc.dtype)) * scale)
+
+
+# `out=` forms: compute everything first, then copy, so outputs may be the inputs themselves
+def inner_adamw_forward_out(p, g, m, v, p_out, m_out, v_out, **hp):
+    for dst, src in zip((p_out, m_out, v_out), inner_adamw_forward(p, g, m, v, **hp)):
+        dst.copy_(src)
+
+
+def inner_adamw_adjoint_out(p_bar, m_bar, v_bar, g, m_new, v_new, g_bar_out, p_bar_out, m_bar_out, v_bar_out, **hp):
+    outs = inner_adamw_adjoint(p_bar, m_bar, v_bar, g, m_new, v_new, **hp)
+    for dst, src in zip((g_bar_out, p_bar_out, m_bar_out, v_bar_out), outs):
+        dst.copy_(src)
+
+
+def fd_perturb_out(p, d, plus_out, minus_out, r):
+    for dst, src in zip((plus_out, minus_out), fd_perturb(p, d, r)):
+        dst.copy_(src)

@@ -95,7 +95,11 @@ constexpr int64_t kStreamMin = int64_t(1) << 20;
 
 void run(Op op, Dt dt, const Buffers& buf, int64_t n, Hyper h) {
   const RunChunk fn = variant();
-  const bool in_place = op == Op::SgdStep || op == Op::FdCombine || buf.out[0] == buf.in[0];
+  // an output that is also an input was just loaded into cache: plain stores (streaming would evict it)
+  bool in_place = op == Op::SgdStep || op == Op::FdCombine;
+  for (const void* o : buf.out)
+    for (const void* i : buf.in)
+      in_place = in_place || (o != nullptr && o == i);
   h.stream = !in_place && n >= kStreamMin;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
 #if defined(_OPENMP)
@@ -177,42 +181,69 @@ Hyper adamw_hyper(const char* fn, double lr, double beta1, double beta2, double 
 
 // ---- ops ---------------------------------------------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> inner_adamw_forward(const at::Tensor& p, const at::Tensor& g,
-    const at::Tensor& m, const at::Tensor& v, double lr, double beta1, double beta2, double eps, double wd,
-    int64_t step) {
+void check_out(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& ref, at::ScalarType want) {
+  check_vec(fn, name, t, ref);
+  check_dtype(fn, name, t, want);
+}
+
+// `_out` variants write into caller buffers (reused across tasks by the engine: no page faults, no allocator
+// traffic). An output may be one of the inputs (in place: every lane is loaded before it is stored) but must
+// not partially overlap one; the Python wrappers check that.
+void inner_adamw_forward_out(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v,
+    const at::Tensor& p2, const at::Tensor& m2, const at::Tensor& v2, double lr, double beta1, double beta2,
+    double eps, double wd, int64_t step) {
   const char* fn = "inner_adamw_forward";
   for (auto [name, t] : std::initializer_list<Named>{{"p", &p}, {"g", &g}, {"m", &m}, {"v", &v}}) check_vec(fn, name, *t, p);
   const Dt dt = param_dt(fn, "p", p);
   check_dtype(fn, "g", g, p.scalar_type());
   check_dtype(fn, "m", m, state_type(dt));
   check_dtype(fn, "v", v, state_type(dt));
+  check_out(fn, "out[0]", p2, p, p.scalar_type());
+  check_out(fn, "out[1]", m2, p, state_type(dt));
+  check_out(fn, "out[2]", v2, p, state_type(dt));
   const Hyper h = adamw_hyper(fn, lr, beta1, beta2, eps, wd, step);
-  at::Tensor p2 = new_output(p), m2 = new_output(m), v2 = new_output(v);
   Buffers b;
   b.in[0] = p.data_ptr(); b.in[1] = g.data_ptr(); b.in[2] = m.data_ptr(); b.in[3] = v.data_ptr();
   b.out[0] = p2.data_ptr(); b.out[1] = m2.data_ptr(); b.out[2] = v2.data_ptr();
   run(Op::AdamwForward, dt, b, p.numel(), h);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> inner_adamw_forward(const at::Tensor& p, const at::Tensor& g,
+    const at::Tensor& m, const at::Tensor& v, double lr, double beta1, double beta2, double eps, double wd,
+    int64_t step) {
+  at::Tensor p2 = new_output(p), m2 = new_output(m), v2 = new_output(v);
+  inner_adamw_forward_out(p, g, m, v, p2, m2, v2, lr, beta1, beta2, eps, wd, step);
   return {p2, m2, v2};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> inner_adamw_adjoint(const at::Tensor& p_bar,
-    const at::Tensor& m_bar, const at::Tensor& v_bar, const at::Tensor& g, const at::Tensor& m_new,
-    const at::Tensor& v_new, double lr, double beta1, double beta2, double eps, double wd, int64_t step) {
+void inner_adamw_adjoint_out(const at::Tensor& p_bar, const at::Tensor& m_bar, const at::Tensor& v_bar,
+    const at::Tensor& g, const at::Tensor& m_new, const at::Tensor& v_new, const at::Tensor& gb,
+    const at::Tensor& pb, const at::Tensor& mb, const at::Tensor& vb, double lr, double beta1, double beta2,
+    double eps, double wd, int64_t step) {
   const char* fn = "inner_adamw_adjoint";
   for (auto [name, t] : std::initializer_list<Named>{{"p_bar", &p_bar}, {"m_bar", &m_bar}, {"v_bar", &v_bar}, {"g", &g},
                          {"m_new", &m_new}, {"v_new", &v_new}})
     check_vec(fn, name, *t, g);
   const Dt dt = param_dt(fn, "g", g);
   for (auto [name, t] : std::initializer_list<Named>{{"p_bar", &p_bar}, {"m_bar", &m_bar}, {"v_bar", &v_bar},
-                         {"m_new", &m_new}, {"v_new", &v_new}})
+                         {"m_new", &m_new}, {"v_new", &v_new}, {"out[0]", &gb}, {"out[1]", &pb}, {"out[2]", &mb},
+                         {"out[3]", &vb}}) {
+    check_vec(fn, name, *t, g);
     check_dtype(fn, name, *t, state_type(dt));
+  }
   const Hyper h = adamw_hyper(fn, lr, beta1, beta2, eps, wd, step);
-  at::Tensor gb = new_output(p_bar), pb = new_output(p_bar), mb = new_output(p_bar), vb = new_output(p_bar);
   Buffers b;
   b.in[0] = p_bar.data_ptr(); b.in[1] = m_bar.data_ptr(); b.in[2] = v_bar.data_ptr();
   b.in[3] = g.data_ptr(); b.in[4] = m_new.data_ptr(); b.in[5] = v_new.data_ptr();
   b.out[0] = gb.data_ptr(); b.out[1] = pb.data_ptr(); b.out[2] = mb.data_ptr(); b.out[3] = vb.data_ptr();
   run(Op::AdamwAdjoint, dt, b, g.numel(), h);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> inner_adamw_adjoint(const at::Tensor& p_bar,
+    const at::Tensor& m_bar, const at::Tensor& v_bar, const at::Tensor& g, const at::Tensor& m_new,
+    const at::Tensor& v_new, double lr, double beta1, double beta2, double eps, double wd, int64_t step) {
+  at::Tensor gb = new_output(p_bar), pb = new_output(p_bar), mb = new_output(p_bar), vb = new_output(p_bar);
+  inner_adamw_adjoint_out(p_bar, m_bar, v_bar, g, m_new, v_new, gb, pb, mb, vb, lr, beta1, beta2, eps, wd, step);
   return {gb, pb, mb, vb};
 }
 
@@ -286,19 +317,26 @@ void sgd_step_(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, co
   run(Op::SgdStep, dt, b, p.numel(), h);
 }
 
-std::tuple<at::Tensor, at::Tensor> fd_perturb(const at::Tensor& p, const at::Tensor& d, double r) {
+void fd_perturb_out(const at::Tensor& p, const at::Tensor& d, const at::Tensor& plus, const at::Tensor& minus,
+                    double r) {
   const char* fn = "fd_perturb";
   check_vec(fn, "p", p, p);
   check_vec(fn, "d", d, p);
   const Dt dt = param_dt(fn, "p", p);
   check_dtype(fn, "d", d, state_type(dt));
+  check_out(fn, "out[0]", plus, p, p.scalar_type());
+  check_out(fn, "out[1]", minus, p, p.scalar_type());
   Hyper h;
   h.scale = r;
-  at::Tensor plus = new_output(p), minus = new_output(p);
   Buffers b;
   b.in[0] = p.data_ptr(); b.in[1] = d.data_ptr();
   b.out[0] = plus.data_ptr(); b.out[1] = minus.data_ptr();
   run(Op::FdPerturb, dt, b, p.numel(), h);
+}
+
+std::tuple<at::Tensor, at::Tensor> fd_perturb(const at::Tensor& p, const at::Tensor& d, double r) {
+  at::Tensor plus = new_output(p), minus = new_output(p);
+  fd_perturb_out(p, d, plus, minus, r);
   return {plus, minus};
 }
 
@@ -333,6 +371,9 @@ TORCH_LIBRARY_IMPL(mamlen, CPU, m) {
   m.impl("sgd_step_", &sgd_step_);
   m.impl("fd_perturb", &fd_perturb);
   m.impl("fd_combine_", &fd_combine_);
+  m.impl("inner_adamw_forward_out", &inner_adamw_forward_out);
+  m.impl("inner_adamw_adjoint_out", &inner_adamw_adjoint_out);
+  m.impl("fd_perturb_out", &fd_perturb_out);
 }
 
 // Which SIMD variant the kernels run (for tests and benchmark reports): torch.ops.mamlen_info.cpu_variant();

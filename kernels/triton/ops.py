@@ -75,6 +75,10 @@ def inner_adamw_forward(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step
     return p2, m2, v2
 
 
+def inner_adamw_forward_out(p, g, m, v, p_out, m_out, v_out, *, lr, beta1, beta2, eps, weight_decay, step):
+    _adamw_forward_into(p, g, m, v, p_out, m_out, v_out, lr, beta1, beta2, eps, weight_decay, step)
+
+
 def adamw_step_(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step):
     # same kernel, outputs aliased to inputs: each lane is loaded before it is stored
     _adamw_forward_into(p, g, m, v, p, m, v, lr, beta1, beta2, eps, weight_decay, step)
@@ -107,13 +111,19 @@ def _adamw_adjoint_kernel(pb_ptr, mb_ptr, vb_ptr, g_ptr, m_ptr, v_ptr, gb_out, p
     tl.store(vb_out + offs, beta2 * v_tot, mask=mask)
 
 
-def inner_adamw_adjoint(p_bar, m_bar, v_bar, g, m_new, v_new, *, lr, beta1, beta2, eps, weight_decay, step):
+def inner_adamw_adjoint_out(p_bar, m_bar, v_bar, g, m_new, v_new, g_bar_out, p_bar_out, m_bar_out, v_bar_out, *,
+                            lr, beta1, beta2, eps, weight_decay, step):
     a, b = _bias(beta1, beta2, step)
     h = _hyper(p_bar, lr * a, 1 - lr * weight_decay, beta1, beta2, b, eps, 0.5 * lr * a * b)
+    if g.numel():  # outputs may alias inputs: each lane is loaded before it is stored
+        _adamw_adjoint_kernel[_grid(g.numel())](p_bar, m_bar, v_bar, g, m_new, v_new, g_bar_out, p_bar_out,
+                                                m_bar_out, v_bar_out, h, g.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+def inner_adamw_adjoint(p_bar, m_bar, v_bar, g, m_new, v_new, *, lr, beta1, beta2, eps, weight_decay, step):
     outs = tuple(torch.empty_like(p_bar) for _ in range(4))
-    if g.numel():
-        _adamw_adjoint_kernel[_grid(g.numel())](p_bar, m_bar, v_bar, g, m_new, v_new, *outs, h, g.numel(),
-                                                BLOCK=BLOCK, num_warps=NUM_WARPS)
+    inner_adamw_adjoint_out(p_bar, m_bar, v_bar, g, m_new, v_new, *outs, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                            weight_decay=weight_decay, step=step)
     return outs
 
 
@@ -190,11 +200,15 @@ def _fd_perturb_kernel(p_ptr, d_ptr, plus_ptr, minus_ptr, h_ptr, n, BLOCK: tl.co
     tl.store(minus_ptr + offs, (p - rd).to(minus_ptr.dtype.element_ty), mask=mask)
 
 
-def fd_perturb(p, d, r):
-    plus, minus = torch.empty_like(p), torch.empty_like(p)
+def fd_perturb_out(p, d, plus, minus, r):
     h = _hyper(d, r)
     if p.numel():
         _fd_perturb_kernel[_grid(p.numel())](p, d, plus, minus, h, p.numel(), BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+def fd_perturb(p, d, r):
+    plus, minus = torch.empty_like(p), torch.empty_like(p)
+    fd_perturb_out(p, d, plus, minus, r)
     return plus, minus
 
 

@@ -129,6 +129,9 @@ def _opcheck_cases():
                                                                     weight_decay=0.01))],
         "fd_perturb": [((p, m, 0.1), {}), ((pb[0], m, 0.1), {})],
         "fd_combine_": [((p.clone(), g, m, 0.5), {}), ((p.clone(), *pb, 0.5), {})],
+        "inner_adamw_forward_out": [((p, g, m, v, *(torch.empty_like(m) for _ in range(3))), HP)],
+        "inner_adamw_adjoint_out": [((p, m, v, g, m, v, *(torch.empty_like(m) for _ in range(4))), HP)],
+        "fd_perturb_out": [((p, m, torch.empty_like(p), torch.empty_like(p), 0.1), {})],
     }
 
 

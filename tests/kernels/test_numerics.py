@@ -91,6 +91,56 @@ def test_inner_adamw_adjoint(backend, device, dtype, n):
         close(o, t, f"{backend} {dtype} n={n} {name}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_out_forms_write_the_same_values_into_given_buffers(backend, device, dtype):
+    """`out=` into fresh buffers, and in place the way the engine runs them: bit-identical to the allocating form."""
+    n = 1000
+    p, g, m, v = data(n, dtype, device, seed=41)
+    hp = dict(**HP, step=3, backend=backend)
+    want = kernels.inner_adamw_forward(p, g, m, v, **hp)
+    out = tuple(torch.full_like(t, float("nan")) for t in want)
+    assert kernels.inner_adamw_forward(p, g, m, v, **hp, out=out) is not None
+    for o, w in zip(out, want):
+        assert torch.equal(o, w)
+    p2, m2, v2 = (t.clone() for t in (p, m, v))  # in place on p, m, v: the outer step's form
+    kernels.inner_adamw_forward(p2, g, m2, v2, **hp, out=(p2, m2, v2))
+    for o, w in zip((p2, m2, v2), want):
+        assert torch.equal(o, w)
+
+    p_bar, m_bar, v_bar = (x.to(m.dtype) for x in data(n, dtype, device, seed=42)[:3])
+    _, _, m_new, v_new = data(n, dtype, device, seed=43)
+    want = kernels.inner_adamw_adjoint(p_bar, m_bar, v_bar, g, m_new, v_new, **hp)
+    # the engine's form: p̄ in place, m̄ → m_new's buffer, v̄ → v_new's buffer, ḡ → g's buffer where dtypes allow
+    gb = g.clone() if g.dtype == p_bar.dtype else torch.empty_like(p_bar)
+    pb, mn, vn = p_bar.clone(), m_new.clone(), v_new.clone()
+    gin = gb if g.dtype == p_bar.dtype else g
+    kernels.inner_adamw_adjoint(pb, m_bar, v_bar, gin, mn, vn, **hp, out=(gb, pb, mn, vn))
+    for name, o, w in zip(("g_bar", "p_bar", "m_bar", "v_bar"), (gb, pb, mn, vn), want):
+        assert torch.equal(o, w), name
+
+    plus, minus = kernels.fd_perturb(p, m, 0.3, backend=backend)
+    out = (torch.empty_like(p), p.clone())
+    kernels.fd_perturb(out[1], m, 0.3, backend=backend, out=out)  # minus written over its own input
+    assert torch.equal(out[0], plus) and torch.equal(out[1], minus)
+
+
+def test_out_buffers_are_checked(backend, device):
+    p, g, m, v = data(10, torch.float32, device, seed=44)
+    hp = dict(**HP, step=1, backend=backend)
+    with pytest.raises(TypeError, match="out must be a tuple of 3 tensors"):
+        kernels.inner_adamw_forward(p, g, m, v, **hp, out=(p, m))
+    with pytest.raises(ValueError, match="'out\\[1\\]' has 9 elements"):
+        kernels.inner_adamw_forward(p, g, m, v, **hp, out=(p.clone(), m[:9].clone(), v.clone()))
+    with pytest.raises(TypeError, match="'out\\[2\\]' must have dtype torch.float32"):
+        kernels.inner_adamw_forward(p, g, m, v, **hp, out=(p.clone(), m.clone(), v.double()))
+    big = torch.zeros(11, device=device)
+    with pytest.raises(ValueError, match="'out\\[0\\]' overlaps input 'p' without being it"):
+        kernels.inner_adamw_forward(big[1:], g, m, v, **hp, out=(big[:10], m.clone(), v.clone()))
+    with pytest.raises(ValueError, match="out\\[0\\] and out\\[1\\] are the same buffer"):
+        o = torch.empty_like(m)
+        kernels.inner_adamw_adjoint(m, m, v, g, m, v, **hp, out=(o, o, m.clone(), v.clone()))
+
+
 def test_adjoint_formula_is_the_vjp_of_the_forward(backend, device):
     """(ḡ, p̄', m̄', v̄') = the vector-Jacobian product of (p2, m2, v2) = forward(p, g, m, v) with (p̄, m̄, v̄):
     torch.autograd through the reference forward in float64 proves the formula; each backend must match."""
