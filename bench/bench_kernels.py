@@ -73,6 +73,19 @@ def cases(d):
             return kernels.inner_adamw_adjoint(d.p_bar, d.m_bar, d.v_bar, d.g, m2, v2, **hp, backend=backend)
         return run
 
+    # the engine's form: forward allocates φ_j, m_j, v_j (kept on the tape); the adjoint runs in place over
+    # the dead buffers (p̄ in place, ḡ over g_j, m̄/v̄ over m_j/v_j). "out=": every output into reused buffers.
+    e_pb, e_g = d.p_bar.clone(), d.g.clone()
+    o_p2, o_m2, o_v2, o_pb, o_g = (t.clone() for t in (d.p, d.m, d.v, d.p_bar, d.g))
+
+    def fwd_adj_engine():
+        _, m2, v2 = kernels.inner_adamw_forward(d.p, d.g, d.m, d.v, **hp)
+        kernels.inner_adamw_adjoint(e_pb, d.m_bar, d.v_bar, e_g, m2, v2, **hp, out=(e_g, e_pb, m2, v2))
+
+    def fwd_adj_out():
+        kernels.inner_adamw_forward(d.p, d.g, d.m, d.v, **hp, out=(o_p2, o_m2, o_v2))
+        kernels.inner_adamw_adjoint(o_pb, d.m_bar, d.v_bar, o_g, o_m2, o_v2, **hp, out=(o_g, o_pb, o_m2, o_v2))
+
     # the outer step mutates: each variant gets its own copies so that all see comparable values
     p1, m1, v1, p2, m2, v2 = d.p.clone(), d.m.clone(), d.v.clone(), d.p.clone(), d.m.clone(), d.v.clone()
     tp = d.p.clone().requires_grad_()
@@ -96,7 +109,8 @@ def cases(d):
                         "reference": step("reference", p2, m2, v2)},
         "inner_adamw_forward": {"reference": fwd("reference"), "cpp": fwd("cpp")},
         "inner_adamw_adjoint": {"reference": adj("reference"), "cpp": adj("cpp")},
-        "forward+adjoint": {"reference": fwd_adj("reference"), "cpp": fwd_adj("cpp")},
+        "forward+adjoint": {"reference": fwd_adj("reference"), "cpp": fwd_adj("cpp"),
+                            "cpp, adjoint in place (engine)": fwd_adj_engine, "cpp, out= (no allocation)": fwd_adj_out},
         "inner_sgd_forward": {b: (lambda b=b: kernels.inner_sgd_forward(d.p, d.g, **sgd, backend=b))
                               for b in ("reference", "cpp")},
         "inner_sgd_adjoint": {b: (lambda b=b: kernels.inner_sgd_adjoint(d.p_bar, **sgd, backend=b))
@@ -131,7 +145,7 @@ def _params():
 
 @pytest.mark.parametrize("op,variant", _params())
 def test_kernel(benchmark, data, copy_gbps, op, variant):
-    if variant == "cpp" and not kernels.CPP_AVAILABLE:
+    if variant.startswith("cpp") and not kernels.CPP_AVAILABLE:
         pytest.skip("C++ kernels not built")
     benchmark.group = op
     fn = cases(data)[op][variant]
@@ -203,7 +217,7 @@ def main(argv=None):
             continue
         if args.only and op not in args.only:
             continue
-        fns = {k: f for k, f in fns.items() if k != "cpp" or kernels.CPP_AVAILABLE}
+        fns = {k: f for k, f in fns.items() if not k.startswith("cpp") or kernels.CPP_AVAILABLE}
         slow = op in ("inner_adamw_forward", "inner_adamw_adjoint", "forward+adjoint")
         # the copy runs in the same rounds as the group, so its bandwidth sees the same load
         ts = timings({**fns, "copy": all_cases["copy"]["torch"]}, reps=args.ref_reps if slow else args.reps)

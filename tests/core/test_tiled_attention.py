@@ -120,14 +120,16 @@ def _mask_for(kind, B, H, Tq, Tk, seed=1):
     raise AssertionError(kind)
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["tiled", "dense"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_all_derivatives_match_reference_fp64(case):
+def test_all_derivatives_match_reference_fp64(case, dense):
     B, H, Hkv, Tq, Tk, D, Dv, causal, kind, bq, bk = CASES[case]
     q, k, v = _inputs(B, H, Hkv, Tq, Tk, D, Dv)
     mask = _mask_for(kind, B, H, Tq, Tk)
     scale = 0.37 if case == "plain" else None
     ours = _all_derivatives(
-        lambda q, k, v: tiled_attention(q, k, v, mask, is_causal=causal, scale=scale, block_q=bq, block_k=bk),
+        lambda q, k, v: tiled_attention(q, k, v, mask, is_causal=causal, scale=scale, block_q=bq, block_k=bk,
+                                        dense=dense),
         q, k, v)
     ref = _all_derivatives(lambda q, k, v: reference(q, k, v, mask, causal, scale), q, k, v)
     for name, a, b in zip(NAMES, ours, ref):
@@ -155,29 +157,32 @@ def test_matches_math_sdpa_fp64():
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
-def test_gradcheck_gradgradcheck_fwd_over_rev(dropout_p):
+@pytest.mark.parametrize("dense", [False, True], ids=["tiled", "dense"])
+def test_gradcheck_gradgradcheck_fwd_over_rev(dropout_p, dense):
     q, k, v = _inputs(1, 2, 1, 4, 5, 2, 2)
     mask = _padding_mask(1, 4, 5, "right")
-    fn = functools.partial(tiled_attention, attn_mask=mask, dropout_p=dropout_p, seed=1234, block_q=2, block_k=4)
+    fn = functools.partial(tiled_attention, attn_mask=mask, dropout_p=dropout_p, seed=1234, block_q=2, block_k=4,
+                           dense=dense)
     assert torch.autograd.gradcheck(fn, (q, k, v), check_forward_ad=True)
     assert torch.autograd.gradgradcheck(fn, (q, k, v), check_fwd_over_rev=True)
 
 
-def test_dropout_mask_is_reproducible_and_unbiased():
+@pytest.mark.parametrize("dense", [False, True], ids=["tiled", "dense"])
+def test_dropout_mask_is_reproducible_and_unbiased(dense):
     B, H, T, p = 1, 2, 40, 0.4
     q, k, _ = _inputs(B, H, H, T, T, 4, 4)
     eye = torch.eye(T, dtype=F64).expand(B, H, T, T)  # v = I makes o = (P o Z) itself
-    pz = tiled_attention(q, k, eye, dropout_p=p, seed=7, block_q=16, block_k=16)
-    assert torch.equal(pz, tiled_attention(q, k, eye, dropout_p=p, seed=7, block_q=16, block_k=16))
+    pz = tiled_attention(q, k, eye, dropout_p=p, seed=7, block_q=16, block_k=16, dense=dense)
+    assert torch.equal(pz, tiled_attention(q, k, eye, dropout_p=p, seed=7, block_q=16, block_k=16, dense=dense))
     probs = reference(q, k, eye)
     dropped = pz == 0
     torch.testing.assert_close(pz[~dropped], probs[~dropped] / (1 - p))
     assert abs(dropped.double().mean().item() - p) < 0.05
     # global-RNG seeding: same torch seed, same mask
     torch.manual_seed(3)
-    a = tiled_attention(q, k, eye, dropout_p=p)
+    a = tiled_attention(q, k, eye, dropout_p=p, dense=dense)
     torch.manual_seed(3)
-    assert torch.equal(a, tiled_attention(q, k, eye, dropout_p=p))
+    assert torch.equal(a, tiled_attention(q, k, eye, dropout_p=p, dense=dense))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
@@ -215,6 +220,25 @@ def test_checkpointed_exact_and_mixed_match_plain(seed):
     torch.manual_seed(0)
     for name, a, b in zip(NAMES, _all_derivatives(ck, q, k, v), plain):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13, msg=lambda m: f"{name}: {m}")
+
+
+def test_dense_path_is_chosen_by_size_and_matches_tiled():
+    q, k, v = _inputs(1, 2, 1, 12, 12, 4, 4)
+    calls = []
+    orig = ta._dense
+    try:
+        ta._dense = lambda *a: calls.append(1) or orig(*a)
+        small = tiled_attention(q, k, v, is_causal=True)
+        assert calls == [1], "a 12 x 12 attention should take the dense path"
+        tiled_attention(q, k, v, is_causal=True, block_q=4)
+        assert calls == [1], "an explicit block size asks for the tiled path"
+        n = int(ta.DENSE_MAX_SCORES ** 0.5) + 1
+        big = _inputs(1, 1, 1, n, n, 2, 2)
+        tiled_attention(*big, is_causal=True)
+        assert calls == [1], f"{n} x {n} scores exceed DENSE_MAX_SCORES: tiled"
+    finally:
+        ta._dense = orig
+    torch.testing.assert_close(small, tiled_attention(q, k, v, is_causal=True, dense=False), rtol=1e-12, atol=1e-12)
 
 
 def test_saved_memory_is_linear_in_T():
