@@ -98,7 +98,8 @@ setup(
         "accelerate>=1.0",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.2"],
+        # bitsandbytes: the 8-bit moments tests (CPU build; it does not pull another torch)
+        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.2", "bitsandbytes==0.50.2"],
         "gpu": ["triton>=3.2", "bitsandbytes>=0.45", "flash-attn>=2.6"],
         "bnb": ["bitsandbytes>=0.45"],
     },

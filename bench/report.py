@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -249,7 +250,9 @@ def fragments():
     files += sorted(p for p in RESULTS.glob("*.md") if p.name not in FRAGMENTS_FIRST)
     out = []
     for p in files:
-        out += [f"## From `bench/results/{p.name}` (included verbatim)", "", p.read_text().rstrip(), ""]
+        # a fragment's images sit next to it in results/; RESULTS.md is one level up
+        text = re.sub(r"\]\((?![a-z]+:|/)([^)]+\.png)\)", r"](results/\1)", p.read_text().rstrip())
+        out += [f"## From `bench/results/{p.name}` (included verbatim)", "", text, ""]
     return out
 
 

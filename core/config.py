@@ -11,6 +11,7 @@ OUTER_OPTIMIZERS = ("adamw", "sgd")
 MOMENTS = ("shared", "separate")
 HVP_MODES = ("exact", "mixed", "fd", "first_order")
 INNER_GRAPHS = ("recompute", "keep")
+MOMENTS_BITS = (32, 8)
 
 
 @dataclass(kw_only=True)
@@ -55,6 +56,17 @@ class MetaConfig:
     fastest first-order kernel otherwise). A string forces a transformers attention implementation."""
     max_grad_norm: Optional[float] = None
     """If set, the meta-gradient (or MetaICL gradient) is scaled to at most this global L2 norm before the outer step."""
+    shard_state: bool = False
+    """ZeRO-1: each rank of the process group owns a contiguous 1/world slice of the moments, of the master copy
+    and of the outer update; G is reduce-scattered, parameters all-gathered (core/sharding.py). No effect on one
+    process. Shared moments are still gathered in full for the duration of each meta-step (every inner step
+    reads them)."""
+    moments_bits: int = 32
+    """32: m, v in the state dtype (float32; float64 for float64 parameters). 8: bitsandbytes blockwise 8-bit
+    codes (~1.02 bytes per value instead of 4; core/quantized_moments.py); needs bitsandbytes."""
+    master_weights: bool = False
+    """bfloat16 parameters with a float32 master copy that the outer step updates and rounds back
+    (core/master_weights.py). Needs a bfloat16 model; combine with autocast_dtype=torch.bfloat16."""
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -84,6 +96,12 @@ class MetaConfig:
             raise ValueError(f"MetaConfig.fd_eps: must be > 0, got {self.fd_eps!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"MetaConfig.max_grad_norm: must be > 0 or None, got {self.max_grad_norm!r}")
+        for name in ("shard_state", "master_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MetaConfig.{name}: must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.moments_bits, bool) or self.moments_bits not in MOMENTS_BITS:
+            raise ValueError(f"MetaConfig.moments_bits: {self.moments_bits!r} is not one of "
+                             f"{', '.join(map(repr, MOMENTS_BITS))}")
         if self.autocast_dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f"MetaConfig.autocast_dtype: must be None, torch.bfloat16 or torch.float16, "
                              f"got {self.autocast_dtype!r}")

@@ -25,10 +25,15 @@ from typing import Callable, Optional
 import torch
 
 from mamlen import kernels
-from mamlen.core import activation_checkpoint, attention, distributed, forward_ad, hvp
+from mamlen.core import activation_checkpoint, attention, forward_ad, hvp
 from mamlen.core.arena import ParamArena
 from mamlen.core.config import MetaConfig
 from mamlen.core.loss import Objective, RngState, count_targets
+from mamlen.core.quantized_moments import chunks
+from mamlen.core.sharding import OuterState
+
+# elements per chunk where m_0, v_0 are read piecewise (a multiple of the 8-bit block; 4 MiB of float32)
+MOMENT_CHUNK = 1 << 20
 
 
 @dataclass
@@ -66,14 +71,14 @@ class MetaEngine:
         self.arena = ParamArena(model)
         self.obj = Objective(model, self.arena, loss_fn, self.config.autocast_dtype)
         self.step_count = 0
-        self.exp_avg = self.arena.new(_sd)
-        self.exp_avg_sq = self.arena.new(_sd)
+        # m, v (full or this rank's shard, float or 8-bit), master weights, the G reduction: core/sharding.py
+        self.opt_state = OuterState(self.arena, self.config, process_group)
 
     # -- public API ---------------------------------------------------------------------------------------
     def meta_gradient(self, tasks: list[Task]) -> dict[str, torch.Tensor]:
         """G = mean over tasks (over all ranks when distributed) of dL_Q(φ_K)/dθ. Mutates nothing."""
         G, stats = self._meta_gradient(tasks)
-        return self.arena.views(G)
+        return self.arena.views(self.opt_state.full(G))
 
     def step(self, tasks: list[Task]) -> dict:
         """One meta-step: the meta-gradient, then the outer update of θ and the shared moments.
@@ -99,16 +104,24 @@ class MetaEngine:
             tokens += count_targets(batch)
         stats = torch.tensor([len(batches), loss_sum, loss_sum, tokens], dtype=torch.float64,
                              device=self.arena.device)
-        distributed.all_reduce_sum_(G + [stats], self.group)
-        for acc in G:
-            acc.div_(stats[0].item())
+        G = self.opt_state.reduce_(G, stats)  # sync point; this rank's shard of the mean when sharded
         return self._outer(G, stats, t0)
 
     def optimizer_state(self) -> dict:
-        """{"step": int, "exp_avg": {name: T}, "exp_avg_sq": {name: T}} — copies, safe to save."""
-        return {"step": self.step_count,
-                "exp_avg": {n: t.clone() for n, t in self.arena.views(self.exp_avg).items()},
-                "exp_avg_sq": {n: t.clone() for n, t in self.arena.views(self.exp_avg_sq).items()}}
+        """{"step": int, "exp_avg": {name: T}, "exp_avg_sq": {name: T}} (+ "master": {name: float32 T} with
+        master_weights) — full-size copies (gathered, dequantised), safe to save and loadable at any world size.
+        A collective when the state is sharded: every rank must call it."""
+        full = self.opt_state.state_dict()
+        state = {"step": self.step_count,
+                 "exp_avg": {n: t.clone() for n, t in self.arena.views(full["exp_avg"]).items()},
+                 "exp_avg_sq": {n: t.clone() for n, t in self.arena.views(full["exp_avg_sq"]).items()}}
+        if full["master"] is not None:
+            masters = [m if m is not None else f.to(kernels.state_dtype(f.dtype))
+                       for m, f in zip(full["master"], self.arena.flats)]
+            state["master"] = {n: t.clone() for n, t in self.arena.views(masters).items()}
+        if full["quantized"] is not None:  # moments_bits=8: the exact codes ({"exp_avg.codes.<flat>": uint8, ...})
+            state["quantized"] = {k: t.clone() for k, t in full["quantized"].items()}
+        return state
 
     def load_optimizer_state(self, state: dict) -> None:
         for key in ("step", "exp_avg", "exp_avg_sq"):
@@ -121,8 +134,9 @@ class MetaEngine:
         v = self.arena.flatten(state["exp_avg_sq"], _sd)
         if any(bool((x < 0).any()) for x in v):
             raise ValueError("load_optimizer_state: exp_avg_sq has negative entries")
-        for dst, src in zip(self.exp_avg + self.exp_avg_sq, m + v):
-            dst.copy_(src)
+        # without a saved master copy (e.g. a float32 checkpoint) it restarts from the current weights
+        master = self.arena.flatten(state["master"], _sd) if "master" in state else None
+        self.opt_state.load_(m, v, master, state.get("quantized"))
         self.step_count = step
 
     # -- the meta-gradient --------------------------------------------------------------------------------
@@ -134,14 +148,13 @@ class MetaEngine:
         G = []  # the first task's G_i becomes the accumulator: one parameter-sized buffer fewer during it
         q_sum = s_sum = 0.0
         tokens = 0
-        for i, task in enumerate(tasks):
-            q_loss, s_loss, n_tok = self._task_gradient_into(task, G, i)
-            q_sum, s_sum, tokens = q_sum + q_loss, s_sum + s_loss, tokens + n_tok
+        with self.opt_state.materialized():  # sharded shared moments: gathered in full for this step's tasks
+            for i, task in enumerate(tasks):
+                q_loss, s_loss, n_tok = self._task_gradient_into(task, G, i)
+                q_sum, s_sum, tokens = q_sum + q_loss, s_sum + s_loss, tokens + n_tok
         # [tasks, query-loss sum, support-loss sum, tokens]: reduced with G in the same sync
         stats = torch.tensor([len(tasks), q_sum, s_sum, tokens], dtype=torch.float64, device=self.arena.device)
-        distributed.all_reduce_sum_(G + [stats], self.group)
-        for acc in G:
-            acc.div_(stats[0].item())
+        G = self.opt_state.reduce_(G, stats)  # all-reduce, or reduce-scatter to this rank's shard when sharded
         return G, stats
 
     def _support(self, task, i):
@@ -162,10 +175,10 @@ class MetaEngine:
         supports = self._support(task, i)
         query = obj.to_device(task.query)
         adamw = cfg.inner_optimizer == "adamw"
-        if cfg.moments == "shared":
-            m, v, t0 = self.exp_avg, self.exp_avg_sq, self.step_count
-        else:
-            m, v, t0 = self.arena.new(_sd), self.arena.new(_sd), 0
+        # m_0, v_0 are read chunk by chunk (_initial_moments), never copied whole; m_1, v_1 are not stored either
+        # (recomputed from m_0, v_0, g_1 in the reverse pass), so step 1 keeps only φ_0 and g_1
+        m = v = None
+        t0 = self.step_count if cfg.moments == "shared" else 0
         keep = cfg.hvp == "exact" and cfg.inner_graph == "keep"
 
         # forward: K inner steps. tape[j] = (φ_{j-1}, g_j, m_j, v_j, rng_j, kept graph)
@@ -183,17 +196,21 @@ class MetaEngine:
                 kept = None
             s_first = float(loss) if s_first is None else s_first
             if adamw:
-                step = t0 + j
-                new = [kernels.inner_adamw_forward(p, gi, mi, vi, lr=cfg.inner_lr, beta1=b1, beta2=b2, eps=cfg.eps,
-                                                   weight_decay=cfg.inner_weight_decay, step=step)
-                       for p, gi, mi, vi in zip(phi, g, m, v)]
-                phi_new, m, v = [list(x) for x in zip(*new)]
+                hp = dict(lr=cfg.inner_lr, beta1=b1, beta2=b2, eps=cfg.eps, weight_decay=cfg.inner_weight_decay,
+                          step=t0 + j)
+                if j == 1:
+                    phi_new, m, v = self._first_inner_step(phi, g, hp, keep_moments=len(supports) > 1)
+                else:
+                    phi_new, m, v = [list(x) for x in zip(*[kernels.inner_adamw_forward(p, gi, mi, vi, **hp)
+                                                            for p, gi, mi, vi in zip(phi, g, m, v)])]
             else:
                 phi_new = [kernels.inner_sgd_forward(p, gi, lr=cfg.inner_lr, weight_decay=cfg.inner_weight_decay)
                            for p, gi in zip(phi, g)]
-            tape.append((phi, g, m if adamw else None, v if adamw else None, rng, kept))
+            tape.append((phi, g, m if adamw and j > 1 else None, v if adamw and j > 1 else None, rng, kept))
             phi = phi_new
-        del m, v
+        # no name but the tape may keep a step's buffers: the reverse pass frees each as soon as it is dead
+        del m, v, phi_new, g, kept
+        g_graph = leaves = None  # noqa: F841  (inner_graph="keep": the last step's graph lives on in the tape)
 
         # query gradient at φ_K: first-order only
         q_loss, p_bar = hvp.gradient(obj, phi, query, RngState(self.arena.device))
@@ -206,26 +223,31 @@ class MetaEngine:
         m_bar = v_bar = None
         for j in range(len(supports), 0, -1):
             phi_prev, g, m_j, v_j, rng, kept = tape.pop()
-            if adamw:
+            if adamw and j == 1:
+                g_bar = self._first_adjoint_step(phi_prev, g, p_bar, m_bar, v_bar, kept, step=t0 + 1)
+                m_bar = v_bar = None
+            elif adamw:
                 if m_bar is None:
                     m_bar = v_bar = [torch.zeros_like(x) for x in p_bar]
                 g_bar = [gi if kept is None and gi.dtype == pb.dtype else torch.empty_like(pb)
                          for gi, pb in zip(g, p_bar)]
-                for gb, pb, mb, vb, gi, mi, vi in zip(g_bar, p_bar, m_bar, v_bar, g, m_j, v_j):
-                    kernels.inner_adamw_adjoint(pb, mb, vb, gi, mi, vi, lr=cfg.inner_lr, beta1=b1, beta2=b2,
-                                                eps=cfg.eps, weight_decay=cfg.inner_weight_decay, step=t0 + j,
-                                                out=(gb, pb, mi, vi))
+                for args in zip(p_bar, m_bar, v_bar, g, m_j, v_j, g_bar):  # no loop name outlives its buffer
+                    kernels.inner_adamw_adjoint(*args[:6], lr=cfg.inner_lr, beta1=b1, beta2=b2, eps=cfg.eps,
+                                                weight_decay=cfg.inner_weight_decay, step=t0 + j,
+                                                out=(args[6], args[0], args[4], args[5]))
+                del args
                 # m_j, v_j now hold β1·m̄, β2·v̄ for step j-1 (unused after j = 1: freed before the HVP)
                 m_bar, v_bar = (m_j, v_j) if j > 1 else (None, None)
             else:
                 outs = [kernels.inner_sgd_adjoint(pb, lr=cfg.inner_lr, weight_decay=cfg.inner_weight_decay)
                         for pb in p_bar]
                 g_bar, p_bar = [list(x) for x in zip(*outs)]
+                del outs
             del g, m_j, v_j  # this step's tape entries are no longer needed
             batch = supports[j - 1]
             if cfg.hvp == "exact":
-                hv = hvp.hvp_exact(obj, phi_prev, batch, rng, g_bar, kept=kept)
-                del kept
+                hvp.hvp_exact_into(obj, phi_prev, batch, rng, g_bar, p_bar, kept=kept)
+                hv = kept = None
             elif cfg.hvp == "mixed":
                 hv = hvp.hvp_mixed(obj, phi_prev, batch, rng, g_bar)
             elif cfg.hvp == "fd":
@@ -234,8 +256,8 @@ class MetaEngine:
             else:
                 hv = None
             if hv is not None:
-                for pb, h in zip(p_bar, hv):
-                    pb.add_(h)
+                for k in range(len(p_bar)):
+                    p_bar[k].add_(hv[k])
             del phi_prev, g_bar, hv
         if not G:
             G.extend(p_bar)
@@ -244,12 +266,62 @@ class MetaEngine:
                 acc.add_(gi)
         return float(q_loss), s_first, count_targets(query) + sum(count_targets(b) for b in supports)
 
+    def _initial_moments(self, i, start, length, dtype):
+        """m_0, v_0 [start, start + length) of flat buffer i: the shared moments, or zeros (moments="separate")."""
+        if self.config.moments == "shared":
+            return self.opt_state.moments_chunk(i, start, length)
+        z = torch.zeros(length, dtype=dtype, device=self.arena.device)
+        return z, z
+
+    def _first_inner_step(self, phi, g, hp, *, keep_moments):
+        """φ_1 (and m_1, v_1 when a second inner step needs them) from φ_0, g_1 and m_0, v_0 read chunk by chunk."""
+        out_phi, out_m, out_v = [], [], []
+        for i, (p, gi) in enumerate(zip(phi, g)):
+            sd = _sd(p.dtype)
+            p1 = torch.empty_like(p)
+            m1 = v1 = None
+            if keep_moments:
+                m1, v1 = p.new_empty(p.numel(), dtype=sd), p.new_empty(p.numel(), dtype=sd)
+            else:
+                scratch_m, scratch_v = (p.new_empty(min(p.numel(), MOMENT_CHUNK), dtype=sd) for _ in range(2))
+            for s, n in chunks(p.numel(), MOMENT_CHUNK):
+                m0, v0 = self._initial_moments(i, s, n, sd)
+                mo, vo = (m1[s:s + n], v1[s:s + n]) if keep_moments else (scratch_m[:n], scratch_v[:n])
+                kernels.inner_adamw_forward(p[s:s + n], gi[s:s + n], m0, v0, **hp, out=(p1[s:s + n], mo, vo))
+            out_phi.append(p1)
+            out_m.append(m1)
+            out_v.append(v1)
+        return out_phi, out_m, out_v
+
+    def _first_adjoint_step(self, phi0, g, p_bar, m_bar, v_bar, kept, *, step):
+        """The adjoint of inner step 1 in place (p̄ in place, ḡ over g_1 where it can), with m_1, v_1 recomputed
+        chunk by chunk from m_0, v_0 and g_1 — bit-identical to the forward's. m̄ = v̄ = None means zero (K = 1).
+        Returns ḡ."""
+        cfg = self.config
+        b1, b2 = cfg.betas
+        hp = dict(lr=cfg.inner_lr, beta1=b1, beta2=b2, eps=cfg.eps, weight_decay=cfg.inner_weight_decay, step=step)
+        g_bar = []
+        for i, (p0, gi, pb) in enumerate(zip(phi0, g, p_bar)):
+            sd = pb.dtype
+            gb = gi if kept is None and gi.dtype == sd else torch.empty_like(pb)
+            c = min(pb.numel(), MOMENT_CHUNK)
+            sp, sm, sv = p0.new_empty(c), pb.new_empty(c), pb.new_empty(c)
+            zero = pb.new_zeros(c) if m_bar is None else None
+            for s, n in chunks(pb.numel(), MOMENT_CHUNK):
+                m0, v0 = self._initial_moments(i, s, n, sd)
+                kernels.inner_adamw_forward(p0[s:s + n], gi[s:s + n], m0, v0, **hp, out=(sp[:n], sm[:n], sv[:n]))
+                mb, vb = (zero[:n], zero[:n]) if m_bar is None else (m_bar[i][s:s + n], v_bar[i][s:s + n])
+                kernels.inner_adamw_adjoint(pb[s:s + n], mb, vb, gi[s:s + n], sm[:n], sv[:n], **hp,
+                                            out=(gb[s:s + n], pb[s:s + n], sm[:n], sv[:n]))
+            g_bar.append(gb)
+        return g_bar
+
     # -- the outer update ---------------------------------------------------------------------------------
     def _outer(self, G, stats, t0) -> dict:
         cfg = self.config
         n_tasks, q_sum, s_sum, tokens = stats.tolist()
         loss, support_loss = q_sum / n_tasks, s_sum / n_tasks
-        norm = hvp.global_norm(G)
+        norm = self.opt_state.grad_norm(G)  # over all shards: the same value on every rank
         finite = math.isfinite(loss) and math.isfinite(support_loss) and math.isfinite(norm)
         metrics = {"loss": loss, "support_loss": support_loss, "grad_norm": norm, "tokens": int(tokens),
                    "skipped": not finite}
@@ -257,15 +329,8 @@ class MetaEngine:
             if cfg.max_grad_norm is not None and norm > cfg.max_grad_norm:
                 for g in G:
                     g.mul_(cfg.max_grad_norm / norm)
-            b1, b2 = cfg.betas
             self.step_count += 1
-            for p, g, m, v in zip(self.arena.flats, G, self.exp_avg, self.exp_avg_sq):
-                if cfg.outer_optimizer == "adamw":
-                    kernels.adamw_step_(p, g, m, v, lr=cfg.outer_lr, beta1=b1, beta2=b2, eps=cfg.eps,
-                                        weight_decay=cfg.outer_weight_decay, step=self.step_count)
-                else:
-                    kernels.sgd_step_(p, g, m, v, lr=cfg.outer_lr, beta1=b1, beta2=b2,
-                                      weight_decay=cfg.outer_weight_decay)
+            self.opt_state.apply_(G, self.step_count)  # fused kernels on this rank's slice, then all-gather
         metrics["step"] = self.step_count
         metrics["seconds"] = time.perf_counter() - t0
         return metrics

@@ -39,6 +39,32 @@ def gradient(obj: Objective, flats, batch, rng: RngState, *, create_graph=False)
     return loss.detach(), list(grads)
 
 
+def hvp_exact_into(obj, flats, batch, rng, vec, acc, *, kept=None):
+    """acc += ∇⟨∇L(φ), vec⟩, per parameter: both derivatives are taken w.r.t. the parameter views (not the flat
+    leaves), so neither the first gradient nor the HVP is assembled into a flat buffer (two parameter-sized
+    buffers fewer at the peak of the step). `kept`: see hvp_exact."""
+    if kept is not None:
+        for a, h in zip(acc, hvp_exact(obj, flats, batch, rng, vec, kept=kept)):
+            a.add_(h)
+        return
+    leaves = _leaves(flats)
+    arena = obj.arena
+    names = [n for group in arena.names for n in group]
+    vec_views, acc_views = arena.views(vec), arena.views(acc)
+    with rng.replay(), arena.bind(leaves) as views:
+        inputs = [views[n] for n in names]
+        loss = obj.loss(batch)
+        grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
+        used = [k for k, g in enumerate(grads) if g is not None and g.requires_grad]
+        hv = torch.autograd.grad([grads[k] for k in used], [inputs[k] for k in used],
+                                 grad_outputs=[vec_views[names[k]].to(grads[k].dtype) for k in used],
+                                 allow_unused=True)
+    del loss, grads, inputs, views, leaves  # the second-order graph
+    for k, h in zip(used, hv):
+        if h is not None:
+            acc_views[names[k]].add_(h)
+
+
 def hvp_exact(obj, flats, batch, rng, vec, *, kept=None):
     """∇⟨∇L(φ), vec⟩. `kept` = (grads, leaves) of a graph built in the forward pass (inner_graph="keep")."""
     if kept is None:

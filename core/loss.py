@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Callable, Optional
 
 import torch
@@ -10,21 +11,43 @@ import torch.nn.functional as F
 from mamlen.core.arena import ParamArena
 
 
+_KEEPS_LOGITS: dict = {}  # model class -> whether its forward takes `logits_to_keep`
+
+
+def _takes_logits_to_keep(model) -> bool:
+    kind = type(model)
+    if kind not in _KEEPS_LOGITS:
+        _KEEPS_LOGITS[kind] = "logits_to_keep" in inspect.signature(model.forward).parameters
+    return _KEEPS_LOGITS[kind]
+
+
 def causal_lm_loss(model, batch: dict) -> torch.Tensor:
     """Mean next-token cross-entropy over labels ≠ -100: `model(**batch).loss`'s convention (HF shifts labels
     inside the model), computed in max(float32, logits dtype) — HF always uses float32, which would make a
-    float64 model's meta-gradient only float32-accurate."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
-    logits = out.logits
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    float64 model's meta-gradient only float32-accurate.
+
+    Only the positions followed by a target get logits (HF `logits_to_keep` with a boolean mask, where the model
+    supports it): a MetaICL instance's target is a few tokens at the end of up to 1024, and the LM head with its
+    (positions x vocabulary) logits — and their second-order graph — is otherwise a large share of the time and
+    memory of every pass."""
     labels = batch["labels"]
-    # (B, T-1, V) predicts tokens 1..T-1
-    shift_logits = logits[:, :-1, :].reshape(-1, logits.size(-1))
-    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-    n = (shift_labels != -100).sum()
-    if n == 0:
+    targets = labels[:, 1:] != -100                      # position t predicts token t+1
+    if not bool(targets.any()):
         raise ValueError("batch has no target token (every label is -100): its loss is undefined")
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum") / n
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+    if _takes_logits_to_keep(model):
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = targets
+        logits = model(**kwargs, logits_to_keep=keep.to(batch["input_ids"].device)).logits  # (n, V)
+        logits = logits.reshape(-1, logits.size(-1))
+        target_ids = labels[:, 1:][targets].to(logits.device)
+    else:
+        logits = model(**kwargs).logits
+        logits = logits[:, :-1, :].reshape(-1, logits.size(-1))
+        target_ids = labels[:, 1:].reshape(-1).to(logits.device)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    n = targets.sum()
+    return F.cross_entropy(logits, target_ids, ignore_index=-100, reduction="sum") / n
 
 
 def count_targets(batch: dict) -> int:

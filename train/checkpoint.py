@@ -125,6 +125,9 @@ def save(output_dir: str | Path, step: int, *, model: torch.nn.Module, optimizer
     opt = {f"exp_avg.{n}": t.detach().to("cpu", copy=True).contiguous() for n, t in optimizer_state["exp_avg"].items()}
     opt.update({f"exp_avg_sq.{n}": t.detach().to("cpu", copy=True).contiguous()
                 for n, t in optimizer_state["exp_avg_sq"].items()})
+    for kind in ("master", "quantized"):  # optional: float32 master weights; 8-bit moment codes (exact resume)
+        opt.update({f"{kind}.{n}": t.detach().to("cpu", copy=True).contiguous()
+                    for n, t in optimizer_state.get(kind, {}).items()})
     save_file(opt, str(tmp / OPTIMIZER), metadata={"step": str(int(optimizer_state["step"])), "format": str(FORMAT)})
     _write_text(tmp / STATE, json.dumps(state))
     _write_text(tmp / CONFIG, config_yaml)
@@ -213,7 +216,7 @@ class Checkpoint:
         state = {"step": step, "exp_avg": {}, "exp_avg_sq": {}}
         for key, t in tensors.items():
             kind, name = key.split(".", 1)
-            state[kind][name] = t
+            state.setdefault(kind, {})[name] = t  # exp_avg, exp_avg_sq; master, quantized when saved
         return state
 
     def config_yaml(self) -> str:

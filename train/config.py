@@ -208,6 +208,13 @@ class EngineConfig(_Section):
     """Force a transformers attention implementation; null lets the engine choose per HVP mode."""
     max_grad_norm: float | None = None
     """Clip the meta-gradient (MetaICL: the gradient) to this global L2 norm; null = no clipping."""
+    shard_state: bool = False
+    """Under torchrun: each rank keeps 1/world of the moments (and master weights) and does 1/world of the outer
+    update (ZeRO-1; core/sharding.py). Checkpoints hold the full state and load at any world size."""
+    moments_bits: Literal[32, 8] = 32
+    """8: shared moments as bitsandbytes blockwise 8-bit codes (~1 byte per value instead of 4; needs bitsandbytes)."""
+    master_weights: bool = False
+    """float32 master copy of bfloat16 weights (needs model.dtype=bfloat16; set autocast_dtype=bfloat16 too)."""
 
     def _check(self):
         for name in ("inner_lr", "outer_lr", "eps", "fd_eps"):
@@ -365,6 +372,8 @@ class Config(_Section):
         self._require(bool(self.output_dir), "output_dir", "must not be empty")
         if self.train.method == "metaicl" and self.engine.moments == "separate":
             raise ConfigError("engine.moments: 'separate' has no meaning for train.method 'metaicl'")
+        if self.engine.master_weights and self.model.dtype != "bfloat16":
+            raise ConfigError(f"engine.master_weights: needs model.dtype=bfloat16, got model.dtype={self.model.dtype!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -58,11 +58,11 @@ def build(cfg: config.Config, rank: int, world: int, device: torch.device):
     model.to(device).train(cfg.model.dropout)
     e = cfg.engine
     mcfg = MetaConfig(**{**vars(e), "autocast_dtype": e.autocast_dtype and getattr(torch, e.autocast_dtype)})
-    engine = MetaEngine(model, mcfg)
-    if world > 1:  # every rank must start from rank 0's weights
+    if world > 1:  # every rank must start from rank 0's weights (before the engine copies them to master weights)
         with torch.no_grad():
             for p in model.parameters():
                 dist.broadcast(p.data, 0)
+    engine = MetaEngine(model, mcfg)
     sampler = data.EpisodeSampler(
         train_tasks, tok, tasks_per_step=cfg.train.tasks_per_step, k=cfg.data.k, inner_steps=e.inner_steps,
         batch_size=cfg.train.batch_size, method=cfg.data.method, max_len=cfg.data.max_len, seed=cfg.train.seed)
@@ -128,10 +128,11 @@ def train(cfg: config.Config, rank: int = 0, world: int = 1, device=torch.device
             dist.all_gather_object(rngs, checkpoint.rng_state())
         else:
             rngs = [checkpoint.rng_state()]
+        opt = engine.optimizer_state()  # every rank: with engine.shard_state it gathers the shards
         if rank == 0:
             state = {"step": step, "consecutive_skips": skips, "sampler": {**sampler.state_dict(), "step": step},
                      "rng": rngs, "world_size": world}
-            path = checkpoint.save(cfg.output_dir, step, model=model, optimizer_state=engine.optimizer_state(),
+            path = checkpoint.save(cfg.output_dir, step, model=model, optimizer_state=opt,
                                    state=state, config_yaml=config.to_yaml(cfg), keep=cfg.checkpoint.keep)
             log.write(f"saved {path}")
 
