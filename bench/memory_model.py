@@ -10,8 +10,8 @@ Bytes per parameter, N parameters, W ranks with shard_state (W = 1 without), fp3
                                  + master / W        (4 with master_weights, else 0)
     extra during a meta-step     + shared moments gathered in full when sharded (every inner step reads all of
                                    m, v): 8 - 8/W float32 (the own shard is a view of the gathered buffer),
-                                   2.03 for 8-bit codes; the dequantised m_0, v_0 (8) of an 8-bit task live only
-                                   until its first inner step — before the reverse pass, where the peak is
+                                   2.03 for 8-bit codes (the engine reads m_0, v_0 in 1M-element chunks,
+                                   dequantised on the fly: no full-length float copy of 8-bit moments)
                                  + the task working set: G, φ, g, m_j, v_j, p̄, m̄/v̄, ḡ and the HVP's
                                    parameter-sized gradients — c_task bytes/param, measured (engine code as of
                                    this commit) — plus activations, which depend on B·T and not on N
