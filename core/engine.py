@@ -9,11 +9,13 @@ Per task i (support batches S_1..S_K, query Q), starting from φ_0 = θ and the 
               G_i = p̄
     G = mean_i G_i (all ranks);  outer AdamW/SGD on θ, m, v, t                                  [kernels]
 
-Memory: per task the forward keeps, per inner step, φ_{j-1} (for j ≥ 2), g_j, m_j, v_j as flat buffers —
-4 parameter-sized buffers per step — and no autograd graph (inner_graph="recompute"); the reverse pass runs
-the adjoint in place over them (p̄ in place, ḡ over g_j, m̄/v̄ over m_j/v_j) and frees them as it goes. At
-K = 1 the HVP then runs with θ, m, v, G, p̄, ḡ alive plus its own graph. At most one second-order graph is
-alive at any time.
+Memory: per task the forward keeps, per inner step, φ_{j-1} (for j ≥ 2), g_j, and m_j, v_j for j ≥ 2 — m_1, v_1 are
+recomputed in the reverse pass from m_0, v_0 (the shared moments, read in chunks: 8-bit moments are never
+dequantised whole) — and no autograd graph (inner_graph="recompute"). The reverse pass runs the adjoint in place
+over the tape (p̄ in place, ḡ over g_j, m̄/v̄ over m_j/v_j) and frees each buffer as soon as it is dead; the exact
+HVP is taken per parameter (no flat assembly). At K = 1 the HVP runs with θ, m, v, p̄ (= G for the first task),
+ḡ plus its own graph. At most one second-order graph is alive at any time (bench/memory_stages.py shows the
+peak of each stage).
 """
 from __future__ import annotations
 
