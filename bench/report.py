@@ -135,6 +135,18 @@ def targets(docs):
                        f"{inc:.2f}×).")
             out.append(f"2. exact ≥ 1.5× the reference's speed: {sp:.2f}× wall, {spc:.2f}× CPU time "
                        f"({ex['median_s']:.1f} vs {ref['median_s']:.1f} s) — {verdict(min(sp, spc) >= 1.5)}.")
+            r3 = next((x for x in docs if x["config"].get("label") == "headline-r3"), None)
+            rm = _by_mode(r3) if r3 else {}
+            if "exact+keep" in rm and "reference" in rm and "exact" in rm:
+                k, e, r = rm["exact+keep"], rm["exact"], rm["reference"]
+                out.append(f"   Same shape, 3 timed repeats (`bench/results/{r3['file']}`): exact "
+                           f"{r['cpu_median_s'] / e['cpu_median_s']:.2f}× CPU, peak {e['rss_peak_gb'] / r['rss_peak_gb']:.2f}×; "
+                           f"exact with `inner_graph=\"keep\"` {r['cpu_median_s'] / k['cpu_median_s']:.2f}× CPU "
+                           f"({k['cpu_median_s']:.1f} vs {r['cpu_median_s']:.1f} s), "
+                           f"{r['median_s'] / k['median_s']:.2f}× wall — "
+                           f"{verdict(min(r['cpu_median_s'] / k['cpu_median_s'], r['median_s'] / k['median_s']) >= 1.5)}"
+                           f"; peak {k['rss_peak_gb'] / r['rss_peak_gb']:.2f}× (increment "
+                           f"{k['meta_step_peak_gb'] / r['meta_step_peak_gb']:.2f}×).")
         if fd and mi:
             r = fd["rss_peak_gb"] / mi["rss_peak_gb"]
             out.append(f"3. fd within 1.2× the peak memory of a MetaICL step (same tokens): {fd['rss_peak_gb']:.2f} vs "
@@ -307,100 +319,55 @@ float64 to 1e-9).
 
 
 def findings(docs, exps):
-    """What the rows say about where time and memory go (numbers from the JSON rows named)."""
+    """What the headline rows say about where time and memory go (numbers from the JSON rows named)."""
     head = next((d for d in docs if "headline" in d["config"].get("axes", [])), None)
-    prof = next((d for d in docs if d["config"].get("label") == "profile"), None)
-    exp = next((d for d in exps if head and d["config"]["name"] == head["config"]["name"]), None)
     if not head:
         return []
     m = _by_mode(head)
-    out = ["## Where the time and the memory go (why targets 1–3 miss)", ""]
+    r3 = next((d for d in docs if d["config"].get("label") == "headline-r3"), None)
+    out = ["## Where the time and the memory go", ""]
     if "metaicl" in m and "reference" in m and "exact" in m:
         g = m["metaicl"]["cpu_median_s"] / 2  # MetaICL at K = 1 = two gradients
-        out.append(
-            f"- **Pass count.** At the headline a MetaICL step (2 gradients) took {m['metaicl']['cpu_median_s']:.1f} CPU s, "
-            f"so one gradient ≈ {g:.1f} s. The reference took {m['reference']['cpu_median_s']:.1f} s "
-            f"({m['reference']['cpu_median_s'] / g:.1f} gradient-units): one support gradient with its graph, the query "
-            f"forward, one backward through query and support graphs — the minimum. The engine's `exact` mode with "
-            f"`inner_graph=\"recompute\"` (the default) does one more support gradient by design (the forward pass "
-            f"without a graph, then again with one in the reverse pass): {m['exact']['cpu_median_s']:.1f} s "
-            f"({m['exact']['cpu_median_s'] / g:.1f} units). Eager attention costs the reference little on CPU at these "
-            f"shapes (causal eager QKᵀ and AV are ~5% of the forward FLOPs at width 1024, T = 1024, 2 layers; the linear "
-            f"layers and the 50257-way LM head dominate), so there is no attention saving for the engine to win back.")
-    if prof:
-        pm = _by_mode(prof)
-        if all(k in pm for k in ("exact", "exact+keep", "exact+eager", "reference")):
-            out.append(f"- **Variants** (`bench/results/{prof['file']}`, {shape_str(prof['config'])}): reference "
-                       f"{pm['reference']['cpu_median_s']:.2f} CPU s; exact {pm['exact']['cpu_median_s']:.2f}; exact with "
-                       f"`inner_graph=keep` (no recompute) {pm['exact+keep']['cpu_median_s']:.2f}; exact with eager instead "
-                       f"of tiled attention {pm['exact+eager']['cpu_median_s']:.2f}"
-                       + (f"; exact with checkpointing {pm['exact+ckpt']['cpu_median_s']:.2f} s, peak "
-                          f"{pm['exact+ckpt']['rss_peak_gb']:.2f} vs {pm['exact']['rss_peak_gb']:.2f} GB" if "exact+ckpt" in pm else "")
-                       + ". Even without the recompute the engine was slower than the reference: the rest is the next point.")
-    out.append("- **Flat-buffer views (the main engine overhead).** The engine evaluates every loss at flat weights φ through "
-               "per-parameter views made by slicing the flat buffer (`core/arena.py: ParamArena.views`). Autograd's "
-               "backward of each slice allocates a zero tensor the size of the whole flat buffer and adds it into the "
-               "flat gradient: per backward, (number of parameter tensors) × (all parameters) of memory writes, and "
-               "flat-sized temporaries that raise the peak. torch.profiler on the axis base shape (exact, keep): "
-               "`aten::fill_` + `add`/`add_` under `SliceBackward0` ≈ 69% of the meta-gradient's CPU time; with the views "
-               "taken from one `torch.split` (backward = one `cat`) the same meta-gradient took 0.41 instead of 1.15 CPU s "
-               "(one in-process measurement, no warm-up repeats). The experiment section below measures that change "
-               "at the headline shape.")
-    if exp:
-        em = _by_mode(exp)
-        parts = [f"{k} {m[k]['cpu_median_s']:.1f} → {em[k]['cpu_median_s']:.1f} CPU s, peak {m[k]['rss_peak_gb']:.2f} → "
-                 f"{em[k]['rss_peak_gb']:.2f} GB" for k in ("exact", "fd", "metaicl") if k in m and k in em]
-        if parts:
-            out.append(f"  Headline, shipped → split views: {'; '.join(parts)}"
-                       + (f"; exact+keep {em['exact+keep']['cpu_median_s']:.1f} CPU s, {em['exact+keep']['rss_peak_gb']:.2f} GB"
-                          if "exact+keep" in em else "")
-                       + (f" (reference in that run: {em['reference']['cpu_median_s']:.1f} CPU s, "
-                          f"{em['reference']['rss_peak_gb']:.2f} GB)" if "reference" in em else "") + ".")
+        line = (f"- **Pass count.** At the headline a MetaICL step (2 gradients) took {m['metaicl']['cpu_median_s']:.1f} "
+                f"CPU s, so one gradient ≈ {g:.1f} s. The reference took {m['reference']['cpu_median_s']:.1f} s "
+                f"({m['reference']['cpu_median_s'] / g:.1f} gradient-units): one support gradient with its graph, the "
+                f"query forward, one backward through query and support graphs. `exact` with `inner_graph=\"recompute\"` "
+                f"(the default, memory-lean) computes the support gradient twice, without and then with a graph: "
+                f"{m['exact']['cpu_median_s']:.1f} s ({m['exact']['cpu_median_s'] / g:.1f} units).")
+        if r3:
+            rm = _by_mode(r3)
+            if all(k in rm for k in ("exact+keep", "reference")):
+                line += (f" With `inner_graph=\"keep\"` the support graph of the forward pass is reused (3 timed "
+                         f"repeats, `bench/results/{r3['file']}`): {rm['exact+keep']['cpu_median_s']:.1f} vs "
+                         f"{rm['reference']['cpu_median_s']:.1f} CPU s for the reference, "
+                         f"{rm['reference']['cpu_median_s'] / rm['exact+keep']['cpu_median_s']:.2f}× faster, peak "
+                         f"{rm['exact+keep']['rss_peak_gb']:.2f} vs {rm['reference']['rss_peak_gb']:.2f} GB.")
+        line += (" The loss applies the LM head only at target positions (`logits_to_keep`), which the reference "
+                 "(`model(**batch).loss`) does not: at 2 layers the 50257-way head is most of a forward's FLOPs.")
+        out.append(line)
     c = head["config"]
-    n_params = c["vocab"] * c["width"] + max(1024, c["seq"]) * c["width"] + c["layers"] * (12 * c["width"] ** 2 + 13 * c["width"]) + 2 * c["width"]
+    n_params = (c["vocab"] * c["width"] + max(1024, c["seq"]) * c["width"]
+                + c["layers"] * (12 * c["width"] ** 2 + 13 * c["width"]) + 2 * c["width"])
     pb = n_params * 4 / 2**30
-    logits = c["seq"] * c["vocab"] * 4 / 2**30
-    if "exact" in m and "fd" in m and "metaicl" in m:
+    if all(k in m for k in ("exact", "fd", "metaicl", "reference")):
         out.append(
-            f"- **Memory at the headline shape is parameter-sized buffers, not activations.** With 2 layers and the "
-            f"tied 50257×1024 embedding the model has {n_params / 1e6:.1f}M parameters: each parameter-sized fp32 buffer "
-            f"is {pb:.2f} GB, each T×V logits tensor {logits:.2f} GB. The meta-step increments are exact "
-            f"{m['exact']['meta_step_peak_gb']:.2f} GB ≈ {m['exact']['meta_step_peak_gb'] / pb:.0f} parameter buffers, fd "
-            f"{m['fd']['meta_step_peak_gb']:.2f} ≈ {m['fd']['meta_step_peak_gb'] / pb:.0f}, MetaICL "
-            f"{m['metaicl']['meta_step_peak_gb']:.2f} ≈ {m['metaicl']['meta_step_peak_gb'] / pb:.0f}, reference "
-            f"{m['reference']['meta_step_peak_gb']:.2f} ≈ {m['reference']['meta_step_peak_gb'] / pb:.0f}. The engine "
-            f"holds per inner step g, m_j, v_j, φ_j, then p̄, G, the adjoint outputs ḡ, p̄', m̄, v̄ (m̄, v̄ are not needed "
-            f"after the last reverse step), the HVP result, and — in fd — both perturbed copies φ ± rḡ at once "
-            f"(`core/hvp.py: hvp_fd_into` builds them with one zip) plus ∇L at each; the slice-backward temporaries "
-            f"above come on top. The reference's unrolled graph saves ~the same number of parameter-sized tensors "
-            f"(the AdamW arithmetic), so exact lands near 0.9× of it instead of ≤ 0.5×. With 24 layers the "
-            f"activations (and the reference's T×T eager scores) would weigh more and the ratio would move toward the "
-            f"engine, but a 24-layer reference does not fit next to four other jobs in 24 GB here.")
-    mal = {d["config"]["tasks"]: _by_mode(d).get("exact") for d in docs if d["config"].get("label") == "malloc-mmap1M"}
-    tk = {d["config"]["tasks"]: _by_mode(d).get("exact") for d in docs if "tasks" in d["config"].get("axes", [])}
-    if mal.get(1) and mal.get(8) and tk.get(1) and tk.get(8):
-        out.append(f"- **exact's peak grows with N** (target 5): {tk[1]['rss_peak_gb']:.2f} GB at N = 1, {tk[8]['rss_peak_gb']:.2f} "
-                   f"at N = 8 with the default glibc allocator. With a fixed mmap threshold (`MALLOC_MMAP_THRESHOLD_=1048576`, "
-                   f"rows labelled malloc-mmap1M) it stays at {mal[1]['rss_peak_gb']:.2f} → {mal[8]['rss_peak_gb']:.2f} GB: the "
-                   f"growth is the allocator keeping freed parameter-sized blocks in its heap (glibc raises its mmap "
-                   f"threshold after the first large free), not memory the engine holds across tasks. The price of the "
-                   f"fixed threshold is a fresh zeroed mapping per allocation: {mal[8]['cpu_median_s']:.1f} instead of "
-                   f"{tk[8]['cpu_median_s']:.1f} CPU s at N = 8 (different runs). Reusing the tape/adjoint buffers across "
-                   f"tasks in the engine would fix both.")
-    out += ["", "Suggested changes to core/ (not made: core/ is not this benchmark's), biggest first:",
-            "1. `ParamArena.views`: take the views from `torch.split(flat, numels)` (or give autograd per-parameter leaves "
-            "and write their gradients into a flat buffer once) — removes the O(#tensors × #params) slice-backward "
-            "traffic and its temporaries (experiment rows below).",
-            "2. `exact`: make `inner_graph=\"keep\"` the default at K = 1 (or whenever the graph fits): saves one support "
-            "gradient per inner step (recompute was measured above).",
-            "3. `hvp_fd_into`: build φ + rḡ, take its gradient, free it, then φ − rḡ; combine into the accumulator as "
-            "each gradient arrives (g₊ kept, g₋ subtracted in place) — two parameter buffers fewer at the peak.",
-            "4. Reverse pass: skip m̄, v̄ at the last reverse step (j = 1); add the HVP into p̄ per parameter as it is "
-            "produced and free it, instead of holding the whole `hv` list next to the adjoint outputs.",
-            "5. Allocate the per-task parameter-sized buffers (tape, adjoints, HVP) once per meta-step and reuse them "
-            "across tasks: removes the allocator growth with N and the page-zeroing cost of fresh buffers.",
-            "6. Loss: a chunked cross-entropy over the vocabulary (never the full T×V fp32 logits plus their "
-            "gradient and the double-backward's copies) — at T = 1024 × 50257 each copy is 0.2 GB.", ""]
+            f"- **Memory at the headline shape is parameter-sized buffers.** {n_params / 1e6:.1f}M parameters, "
+            f"{pb:.2f} GB per fp32 buffer. Meta-step increments: exact {m['exact']['meta_step_peak_gb']:.2f} GB ≈ "
+            f"{m['exact']['meta_step_peak_gb'] / pb:.0f} buffers, fd {m['fd']['meta_step_peak_gb']:.2f} ≈ "
+            f"{m['fd']['meta_step_peak_gb'] / pb:.0f}, MetaICL {m['metaicl']['meta_step_peak_gb']:.2f} ≈ "
+            f"{m['metaicl']['meta_step_peak_gb'] / pb:.0f}, reference {m['reference']['meta_step_peak_gb']:.2f} ≈ "
+            f"{m['reference']['meta_step_peak_gb'] / pb:.0f}. At the exact HVP of a K = 1 task the engine holds θ, m, "
+            f"v, p̄ and ḡ (tests/core/test_engine_memory.py) plus the HVP's graph. `bench/memory_stages.py` gives "
+            f"the peak of each stage.")
+    out += ["", "Done in the engine (session 2, each measured by the rows above or bench/memory_stages.py):",
+            "views by one `split` (`core/arena.py`); the adjoint in place over dead tape buffers (`out=` kernels); "
+            "m₁, v₁ recomputed in the reverse pass from m₀, v₀ instead of stored; the exact HVP per parameter, "
+            "without flat assembly; the first task's G_i as the accumulator; logits at target positions only; no "
+            "Python name outliving a dead buffer.", "",
+            "Not done, next candidates: `inner_graph=\"keep\"` as the default when the graph fits; in `fd`, combining "
+            "g₊ into the accumulator before computing g₋ needs care (the difference cancels catastrophically if "
+            "added separately); a chunked-vocabulary cross-entropy for long targets; a fused attention kernel "
+            "whose backward is differentiable on GPU (the Triton path keeps PyTorch passes for second order).", ""]
     return out
 
 
