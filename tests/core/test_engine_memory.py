@@ -5,6 +5,7 @@ query gradient, updated in place) and ḡ (written over g_1). φ_1, m_1, v_1, th
 outputs must be gone — they used to be, until a name or a list kept them (14.4 → 9.1 parameter buffers at the
 peak of a GPT-2-width-1024 step, bench/memory_stages.py)."""
 import gc
+import warnings
 
 import pytest
 import torch
@@ -14,10 +15,12 @@ from mamlen.core import MetaConfig, MetaEngine, Task, hvp
 
 def _full_size_storages(numel, dtypes):
     seen = set()
-    for obj in gc.get_objects():
+    with warnings.catch_warnings():  # isinstance() on every live object touches deprecated module attributes
+        warnings.simplefilter("ignore")
+        objs = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    for obj in objs:
         try:
-            if isinstance(obj, torch.Tensor) and obj.dtype in dtypes and obj.untyped_storage().nbytes() == \
-                    numel * obj.element_size():
+            if obj.dtype in dtypes and obj.untyped_storage().nbytes() == numel * obj.element_size():
                 seen.add(obj.untyped_storage().data_ptr())
         except (RuntimeError, ReferenceError):  # tensors without storage (fake, meta)
             continue
