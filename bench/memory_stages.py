@@ -33,6 +33,7 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=512)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--hvp", default="exact", choices=["exact", "mixed", "fd", "first_order"])
+    ap.add_argument("--moments-bits", type=int, default=32, choices=[32, 8])
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -40,7 +41,7 @@ def main(argv=None):
                                   vocab_size=args.vocab, n_positions=max(128, args.seq), bos_token_id=0,
                                   eos_token_id=0, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
     model = transformers.GPT2LMHeadModel(cfg)
-    engine = MetaEngine(model, MetaConfig(hvp=args.hvp))
+    engine = MetaEngine(model, MetaConfig(hvp=args.hvp, moments_bits=args.moments_bits))
     ids = torch.randint(0, args.vocab, (1, args.seq))
     labels = ids.clone()
     labels[:, : args.seq // 2] = -100
