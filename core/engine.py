@@ -75,6 +75,7 @@ class MetaEngine:
         self.step_count = 0
         # m, v (full or this rank's shard, float or 8-bit), master weights, the G reduction: core/sharding.py
         self.opt_state = OuterState(self.arena, self.config, process_group)
+        self._zero_chunk = {}  # moments="separate": m_0 = v_0 = 0, read chunk by chunk
 
     # -- public API ---------------------------------------------------------------------------------------
     def meta_gradient(self, tasks: list[Task]) -> dict[str, torch.Tensor]:
@@ -272,8 +273,10 @@ class MetaEngine:
         """m_0, v_0 [start, start + length) of flat buffer i: the shared moments, or zeros (moments="separate")."""
         if self.config.moments == "shared":
             return self.opt_state.moments_chunk(i, start, length)
-        z = torch.zeros(length, dtype=dtype, device=self.arena.device)
-        return z, z
+        z = self._zero_chunk.get(dtype)
+        if z is None or z.numel() < length:  # one zero chunk per dtype, read-only, reused by every call
+            z = self._zero_chunk[dtype] = torch.zeros(max(length, MOMENT_CHUNK), dtype=dtype, device=self.arena.device)
+        return z[:length], z[:length]
 
     def _first_inner_step(self, phi, g, hp, *, keep_moments):
         """φ_1 (and m_1, v_1 when a second inner step needs them) from φ_0, g_1 and m_0, v_0 read chunk by chunk."""

@@ -46,3 +46,33 @@ def test_only_theta_moments_pbar_and_gbar_are_alive_at_the_hvp(tiny, monkeypatch
     engine.step(tasks)
     # θ, m, v, p̄, ḡ (m and v exist with separate moments too: they are the outer optimizer's state)
     assert counts == [5]
+
+
+@pytest.mark.parametrize("moments,bits,K", [("shared", 32, 1), ("shared", 32, 2), ("separate", 32, 2),
+                                            ("shared", 8, 1)])
+def test_chunked_first_inner_step_is_invisible(tiny, monkeypatch, moments, bits, K):
+    """m_0, v_0 are read (and m_1, v_1 recomputed) in chunks of MOMENT_CHUNK elements. The test model fits in one
+    default chunk, so shrink the chunk to 256 (odd tail included) and compare with one chunk: bit-identical."""
+    import mamlen.core.engine as E
+    if bits == 8:
+        pytest.importorskip("bitsandbytes")
+    gen = torch.Generator().manual_seed(1)
+    tasks = [Task(support=[tiny.batch(gen) for _ in range(K)], query=tiny.batch(gen)) for _ in range(2)]
+
+    def meta_gradient():
+        model = tiny.gpt2(torch.float64)
+        engine = MetaEngine(model, MetaConfig(hvp="exact", moments=moments, moments_bits=bits, inner_steps=K,
+                                              inner_lr=1e-2))
+        g = torch.Generator().manual_seed(2)
+        engine.load_optimizer_state({  # running moments: the chunks read real, distinct values
+            "step": 5,
+            "exp_avg": {n: 1e-2 * torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in model.named_parameters()},
+            "exp_avg_sq": {n: 1e-4 * torch.rand(p.shape, generator=g, dtype=p.dtype) for n, p in model.named_parameters()}})
+        assert engine.arena.numel % 256 != 0 and engine.arena.numel > 4 * 256  # several chunks and a partial one
+        return engine.meta_gradient(tasks)
+
+    whole = meta_gradient()
+    monkeypatch.setattr(E, "MOMENT_CHUNK", 256)
+    chunked = meta_gradient()
+    for n in whole:
+        assert torch.equal(whole[n], chunked[n]), n
