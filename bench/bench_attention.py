@@ -100,6 +100,52 @@ def run_attention_only(impl, T, repeat, heads=16, head_dim=64, layers=4):
                 times=[round(t, 2) for t in times], threads=torch.get_num_threads())
 
 
+def run_dense_ab(Ts, rounds=15, heads=9, kv_heads=3, head_dim=64):
+    """Per-call time of one attention's exact HVP (forward, create_graph backward, double backward) at small T:
+    eager math, the tiled passes (dense=False) and the default choice, which takes the dense path up to
+    DENSE_MAX_SCORES. SmolLM2's attention shape (9 query / 3 key-value heads, 64 dims); interleaved rounds,
+    median ms; one thread."""
+    import torch
+
+    from mamlen.core.tiled_attention import DENSE_MAX_SCORES, tiled_attention
+
+    torch.set_num_threads(1)
+
+    def eager(q, k, v):
+        k, v = k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1)
+        s = (q @ k.transpose(-1, -2)) * head_dim ** -0.5
+        T = s.shape[-1]
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        return torch.softmax(s, -1) @ v
+
+    fns = {"eager": eager,
+           "tiled (dense=False)": lambda q, k, v: tiled_attention(q, k, v, is_causal=True, dense=False),
+           "default": lambda q, k, v: tiled_attention(q, k, v, is_causal=True)}
+    rows = []
+    for T in Ts:
+        torch.manual_seed(0)
+        xs = [torch.randn(1, h, T, head_dim, requires_grad=True) for h in (heads, kv_heads, kv_heads)]
+        w = torch.randn(1, heads, T, head_dim)
+        vec = [torch.randn_like(x) for x in xs]
+        times = {k: [] for k in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                g = torch.autograd.grad((fn(*xs) * w).sum(), xs, create_graph=True)
+                torch.autograd.grad(g, xs, grad_outputs=vec)
+                times[name].append(time.perf_counter() - t0)
+        med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
+        rows.append((T, T * T <= DENSE_MAX_SCORES, med))
+    md = [f"Exact HVP of one causal attention call, {heads} query / {kv_heads} key-value heads x {head_dim}, batch 1, "
+          f"fp32, 1 thread, median of {rounds} interleaved rounds (ms); default = dense path when T² <= "
+          f"{DENSE_MAX_SCORES}:", "",
+          "| T | default path | eager | tiled (dense=False) | default | tiled ÷ default |", "|---:|---|---:|---:|---:|---:|"]
+    for T, dense, med in rows:
+        md.append(f"| {T} | {'dense' if dense else 'tiled'} | {med['eager']:.2f} | {med['tiled (dense=False)']:.2f} | "
+                  f"{med['default']:.2f} | {med['tiled (dense=False)'] / med['default']:.2f}x |")
+    return "\n".join(md) + "\n"
+
+
 def _sha():
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -120,7 +166,16 @@ def main():
                     help="16 heads x 64 dims, `layers` chained causal attention calls, nothing else")
     ap.add_argument("--out", help="append markdown rows to this file")
     ap.add_argument("--render", help="re-render the markdown table from the JSON lines of an earlier run's log")
+    ap.add_argument("--dense-ab", action="store_true",
+                    help="small-T timing: eager vs tiled passes vs the default (dense below DENSE_MAX_SCORES)")
     args = ap.parse_args()
+    if args.dense_ab:
+        text = run_dense_ab(args.T)
+        print(text)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(text)
+        return
     if args.one:
         if args.attention_only:
             res = run_attention_only(args.impl[0], args.T[0], args.repeat, layers=args.layers[0])

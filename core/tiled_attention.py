@@ -58,9 +58,9 @@ BLOCK_Q = 128
 BLOCK_K = 512
 
 # Up to this many scores per (batch, head) the whole S fits in a few hundred KiB and the tiled passes are mostly
-# Python overhead (measured per exact HVP of one attention, 9 heads, D = 64, CPU, 1 thread: 3.7x slower than
-# dense at T = 64, 2.2x at T = 128, 1.4x at 256, even at 512): `dense` then runs the same math as plain
-# differentiable torch ops, whose saved T x T tensors are small at these sizes.
+# Python overhead (`bench/bench_attention.py --dense-ab`, exact HVP of one SmolLM2-shaped attention on CPU, two
+# runs: tiled takes 1.4-1.8x the dense time at T = 64-128, 1.1-1.3x at 192, about the same from 256). Below it
+# `dense` runs the same math as plain differentiable torch ops, whose saved T x T tensors are small here.
 DENSE_MAX_SCORES = 192 * 192
 
 _SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
