@@ -176,13 +176,6 @@ class OuterState:
         return ms[i].dequantize(start, length, sd), vs[i].dequantize(start, length, sd)
 
     # -- the meta-gradient reduction ----------------------------------------------------------------------
-    def new_grad(self) -> list[torch.Tensor]:
-        """Zeroed full-length accumulators in the state dtype (views of padded buffers when sharded)."""
-        if not self.sharded:
-            return self.arena.new(kernels.state_dtype)
-        return [torch.zeros(L.padded, dtype=sd, device=self.arena.device)[:L.numel]
-                for L, sd in zip(self.layouts, self.state_dtypes)]
-
     def reduce_(self, G: list[torch.Tensor], stats: torch.Tensor) -> list[torch.Tensor]:
         """Σ over ranks of G and stats ([tasks, ...]); returns G / tasks — this rank's shard when sharded."""
         if not self.sharded:
@@ -193,8 +186,6 @@ class OuterState:
             for g, L in zip(G, self.layouts):
                 if g.numel() == L.padded:
                     padded = g
-                elif g._base is not None and g._base.numel() == L.padded and g.data_ptr() == g._base.data_ptr():
-                    padded = g._base  # from new_grad()
                 else:  # the engine accumulates into the first task's G_i: pad a copy (after the tasks' peak)
                     padded = g.new_zeros(L.padded)
                     padded[:L.numel].copy_(g)
