@@ -56,6 +56,9 @@ class MetaConfig:
     fastest first-order kernel otherwise). A string forces a transformers attention implementation."""
     max_grad_norm: Optional[float] = None
     """If set, the meta-gradient (or MetaICL gradient) is scaled to at most this global L2 norm before the outer step."""
+    measure_adaptation: bool = True
+    """Also evaluate each task's query loss at θ (one forward without graph, ~5% of an exact step), so that step
+    metrics report `adapt_gain` = L_Q(θ) - L_Q(φ_K): whether the inner step helps. False: adapt_gain is NaN."""
     shard_state: bool = False
     """ZeRO-1: each rank of the process group owns a contiguous 1/world slice of the moments, of the master copy
     and of the outer update; G is reduce-scattered, parameters all-gathered (core/sharding.py). No effect on one
@@ -96,7 +99,7 @@ class MetaConfig:
             raise ValueError(f"MetaConfig.fd_eps: must be > 0, got {self.fd_eps!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"MetaConfig.max_grad_norm: must be > 0 or None, got {self.max_grad_norm!r}")
-        for name in ("shard_state", "master_weights"):
+        for name in ("shard_state", "master_weights", "measure_adaptation"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MetaConfig.{name}: must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.moments_bits, bool) or self.moments_bits not in MOMENTS_BITS:

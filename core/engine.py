@@ -47,6 +47,18 @@ class Task:
     name: Optional[str] = field(default=None)
 
 
+@dataclass
+class _TaskResult:
+    query_loss: float         # L_Q(φ_K)
+    support_loss: float       # L_{S_1}(θ)
+    query_loss_before: float  # L_Q(θ): the query loss without adaptation
+    tokens: int               # target tokens of the query and the support batches
+
+
+# the per-step sums reduced across ranks with G: [tasks, L_Q(φ_K), L_S1(θ), tokens, L_Q(θ)]
+_STATS = ("tasks", "query_loss", "support_loss", "tokens", "query_loss_before")
+
+
 def _sd(dtype):
     return kernels.state_dtype(dtype)
 
@@ -105,7 +117,8 @@ class MetaEngine:
                 acc.add_(gi)
             loss_sum += float(loss)
             tokens += count_targets(batch)
-        stats = torch.tensor([len(batches), loss_sum, loss_sum, tokens], dtype=torch.float64,
+        # no adaptation: the "before" loss is the loss itself
+        stats = torch.tensor([len(batches), loss_sum, loss_sum, tokens, loss_sum], dtype=torch.float64,
                              device=self.arena.device)
         G = self.opt_state.reduce_(G, stats)  # sync point; this rank's shard of the mean when sharded
         return self._outer(G, stats, t0)
@@ -149,14 +162,14 @@ class MetaEngine:
         self.config.validate()
         self.arena.check_bound()
         G = []  # the first task's G_i becomes the accumulator: one parameter-sized buffer fewer during it
-        q_sum = s_sum = 0.0
-        tokens = 0
+        sums = torch.zeros(len(_STATS), dtype=torch.float64)
         with self.opt_state.materialized():  # sharded shared moments: gathered in full for this step's tasks
             for i, task in enumerate(tasks):
-                q_loss, s_loss, n_tok = self._task_gradient_into(task, G, i)
-                q_sum, s_sum, tokens = q_sum + q_loss, s_sum + s_loss, tokens + n_tok
-        # [tasks, query-loss sum, support-loss sum, tokens]: reduced with G in the same sync
-        stats = torch.tensor([len(tasks), q_sum, s_sum, tokens], dtype=torch.float64, device=self.arena.device)
+                r = self._task_gradient_into(task, G, i)
+                sums += torch.tensor([1.0, r.query_loss, r.support_loss, r.tokens, r.query_loss_before],
+                                     dtype=torch.float64)  # (the default float32 would round the losses)
+        # reduced with G in the same sync
+        stats = sums.to(self.arena.device)
         G = self.opt_state.reduce_(G, stats)  # all-reduce, or reduce-scatter to this rank's shard when sharded
         return G, stats
 
@@ -171,8 +184,8 @@ class MetaEngine:
                              f"support batches for inner_steps={K}; give {K} or 1 (reused)")
         return [self.obj.to_device(b) for b in task.support]
 
-    def _task_gradient_into(self, task: Task, G, i):
-        """G += G_i; returns (query loss, first support loss, target tokens)."""
+    def _task_gradient_into(self, task: Task, G, i) -> "_TaskResult":
+        """G += G_i."""
         cfg, obj = self.config, self.obj
         b1, b2 = cfg.betas
         supports = self._support(task, i)
@@ -183,6 +196,13 @@ class MetaEngine:
         m = v = None
         t0 = self.step_count if cfg.moments == "shared" else 0
         keep = cfg.hvp == "exact" and cfg.inner_graph == "keep"
+
+        # L_Q(θ) before adaptation (no graph; the query's own dropout masks, shared with L_Q(φ_K) below)
+        q_rng = RngState(self.arena.device)
+        q_before = math.nan
+        if cfg.measure_adaptation:
+            with torch.no_grad(), q_rng.replay():
+                q_before = float(obj.loss(query))
 
         # forward: K inner steps. tape[j] = (φ_{j-1}, g_j, m_j, v_j, rng_j, kept graph)
         phi = self.arena.flats
@@ -216,7 +236,7 @@ class MetaEngine:
         g_graph = leaves = None  # noqa: F841  (inner_graph="keep": the last step's graph lives on in the tape)
 
         # query gradient at φ_K: first-order only
-        q_loss, p_bar = hvp.gradient(obj, phi, query, RngState(self.arena.device))
+        q_loss, p_bar = hvp.gradient(obj, phi, query, q_rng)
         del phi
         p_bar = [x.to(_sd(x.dtype)) for x in p_bar]
 
@@ -267,7 +287,8 @@ class MetaEngine:
         else:
             for acc, gi in zip(G, p_bar):
                 acc.add_(gi)
-        return float(q_loss), s_first, count_targets(query) + sum(count_targets(b) for b in supports)
+        return _TaskResult(query_loss=float(q_loss), support_loss=s_first, query_loss_before=q_before,
+                           tokens=count_targets(query) + sum(count_targets(b) for b in supports))
 
     def _initial_moments(self, i, start, length, dtype):
         """m_0, v_0 [start, start + length) of flat buffer i: the shared moments, or zeros (moments="separate")."""
@@ -324,11 +345,13 @@ class MetaEngine:
     # -- the outer update ---------------------------------------------------------------------------------
     def _outer(self, G, stats, t0) -> dict:
         cfg = self.config
-        n_tasks, q_sum, s_sum, tokens = stats.tolist()
+        n_tasks, q_sum, s_sum, tokens, before_sum = stats.tolist()
         loss, support_loss = q_sum / n_tasks, s_sum / n_tasks
         norm = self.opt_state.grad_norm(G)  # over all shards: the same value on every rank
         finite = math.isfinite(loss) and math.isfinite(support_loss) and math.isfinite(norm)
-        metrics = {"loss": loss, "support_loss": support_loss, "grad_norm": norm, "tokens": int(tokens),
+        # adapt_gain > 0: the inner step lowered the query loss (L_Q(θ) - L_Q(φ_K), mean over tasks)
+        metrics = {"loss": loss, "support_loss": support_loss, "query_loss_before": before_sum / n_tasks,
+                   "adapt_gain": (before_sum - q_sum) / n_tasks, "grad_norm": norm, "tokens": int(tokens),
                    "skipped": not finite}
         if finite:
             if cfg.max_grad_norm is not None and norm > cfg.max_grad_norm:

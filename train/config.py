@@ -208,6 +208,8 @@ class EngineConfig(_Section):
     """Force a transformers attention implementation; null lets the engine choose per HVP mode."""
     max_grad_norm: float | None = None
     """Clip the meta-gradient (MetaICL: the gradient) to this global L2 norm; null = no clipping."""
+    measure_adaptation: bool = True
+    """Log adapt_gain = L_Q(θ) - L_Q(φ_K) every step (one extra forward per task, no graph)."""
     shard_state: bool = False
     """Under torchrun: each rank keeps 1/world of the moments (and master weights) and does 1/world of the outer
     update (ZeRO-1; core/sharding.py). Checkpoints hold the full state and load at any world size."""

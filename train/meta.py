@@ -155,7 +155,9 @@ def train(cfg: config.Config, rank: int = 0, world: int = 1, device=torch.device
             m = engine.metaicl_step(sampler.metaicl_batch(step, mine))
         dt = time.perf_counter() - t0
         skips = skips + 1 if m["skipped"] else 0
-        log.step({"step": step, "loss": m["loss"], "support_loss": m["support_loss"], "grad_norm": m["grad_norm"],
+        log.step({"step": step, "loss": m["loss"], "support_loss": m["support_loss"],
+                  "query_loss_before": m["query_loss_before"], "adapt_gain": m["adapt_gain"],
+                  "grad_norm": m["grad_norm"],
                   "inner_lr": mcfg.inner_lr, "outer_lr": mcfg.outer_lr, "tokens": m["tokens"],
                   "tokens_per_s": m["tokens"] / dt, "peak_mem_gb": peak_mem_gb(), "skipped": m["skipped"]})
         if skips >= cfg.train.max_consecutive_skips:

@@ -1,6 +1,7 @@
 """MetaEngine against a plain-autograd reference: the inner loop unrolled with create_graph in float64
 (torch.func.functional_call on per-parameter tensors, its own AdamW and loss code), then dL_Q/dθ."""
 import copy
+import math
 import itertools
 
 import pytest
@@ -356,3 +357,29 @@ def test_attention_chosen_per_mode(tiny):
         MetaEngine(m, MetaConfig(hvp=hvp))
         assert m.config._attn_implementation == "sdpa"
     assert attention.choose("exact", "cpu", forced="eager") == "eager"
+
+
+@pytest.mark.parametrize("inner", ["adamw", "sgd"])
+def test_adapt_gain_is_query_loss_before_minus_after(tiny, gen, inner):
+    """metrics["adapt_gain"] = mean_i L_Q(θ) - L_Q(φ_K), both evaluated independently with the reference."""
+    model = tiny.gpt2()
+    cfg = MetaConfig(hvp="first_order", inner_optimizer=inner, inner_steps=2, **BASE)
+    tasks = make_tasks(tiny, gen, n=2, K=2)
+    ref_model = copy.deepcopy(model)
+    ref_model.set_attn_implementation("eager")
+    engine = MetaEngine(model, cfg)
+    state = random_state(model, gen)
+    engine.load_optimizer_state(state)
+    theta = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
+    with torch.no_grad():
+        before = sum(float(ref_loss(ref_model, theta, t.query)) for t in tasks) / len(tasks)
+    after = ref_objective(ref_model, cfg, tasks, state, theta)
+    m = engine.step(tasks)
+    assert m["query_loss_before"] == pytest.approx(before, rel=1e-10)
+    assert m["loss"] == pytest.approx(after, rel=1e-10)
+    assert m["adapt_gain"] == pytest.approx(before - after, rel=1e-8, abs=1e-12)
+    assert m["adapt_gain"] != 0.0  # the inner steps move the weights at this lr
+
+    cfg_off = MetaConfig(hvp="first_order", inner_optimizer=inner, inner_steps=2, measure_adaptation=False, **BASE)
+    m_off = MetaEngine(copy.deepcopy(ref_model), cfg_off).step(tasks)
+    assert math.isnan(m_off["adapt_gain"])
