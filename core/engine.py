@@ -197,7 +197,8 @@ class MetaEngine:
         t0 = self.step_count if cfg.moments == "shared" else 0
         keep = cfg.hvp == "exact" and cfg.inner_graph == "keep"
 
-        # L_Q(θ) before adaptation (no graph; the query's own dropout masks, shared with L_Q(φ_K) below)
+        # L_Q(θ) before adaptation (no graph): the query's first evaluation, so it fixes the query's dropout masks
+        # and L_Q(φ_K) below replays them (without measure_adaptation, L_Q(φ_K) is the first evaluation)
         q_rng = RngState(self.arena.device)
         q_before = math.nan
         if cfg.measure_adaptation:
