@@ -88,6 +88,7 @@ class MetaEngine:
         # m, v (full or this rank's shard, float or 8-bit), master weights, the G reduction: core/sharding.py
         self.opt_state = OuterState(self.arena, self.config, process_group)
         self._zero_chunk = {}  # moments="separate": m_0 = v_0 = 0, read chunk by chunk
+        self._forward_ad = hvp.ForwardAD()  # hvp="mixed": falls back to exact if the model lacks forward AD
 
     # -- public API ---------------------------------------------------------------------------------------
     def meta_gradient(self, tasks: list[Task]) -> dict[str, torch.Tensor]:
@@ -273,7 +274,7 @@ class MetaEngine:
                 hvp.hvp_exact_into(obj, phi_prev, batch, rng, g_bar, p_bar, kept=kept)
                 hv = kept = None
             elif cfg.hvp == "mixed":
-                hv = hvp.hvp_mixed(obj, phi_prev, batch, rng, g_bar)
+                hv = hvp.hvp_mixed(obj, phi_prev, batch, rng, g_bar, self._forward_ad)
             elif cfg.hvp == "fd":
                 hvp.hvp_fd_into(obj, phi_prev, batch, rng, g_bar, p_bar, fd_eps=cfg.fd_eps)
                 hv = None

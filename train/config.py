@@ -226,6 +226,10 @@ class EngineConfig(_Section):
         self._require(self.inner_steps >= 1, "inner_steps", "must be >= 1")
         self._require(all(0.0 <= b < 1.0 for b in self.betas), "betas", "each must be in [0, 1)")
         self._require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        self._require(self.autocast_dtype != "float16", "autocast_dtype",
+                      "float16 is refused: the meta-step has no loss scaling; use bfloat16")
+        self._require(self.inner_graph == "recompute" or self.hvp == "exact", "inner_graph",
+                      f"'keep' only applies to hvp='exact' (got hvp={self.hvp!r})")
 
 
 @dataclass(kw_only=True)

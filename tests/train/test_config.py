@@ -48,6 +48,8 @@ def test_precedence_preset_file_set_flags(tmp_path):
     (["--set", "model=3"], "model: expected a mapping"),
     (["--set", "novalue"], "expected KEY=VALUE"),
     (["--max-steps", "many"], "train.max_steps: expected an integer"),
+    (["--set", "engine.autocast_dtype=float16"], "engine.autocast_dtype: float16 is refused"),
+    (["--set", "engine.hvp=fd", "--set", "engine.inner_graph=keep"], "engine.inner_graph: 'keep' only applies"),
 ])
 def test_bad_values_name_the_field(argv, expected):
     with pytest.raises(ConfigError) as e:
