@@ -7,8 +7,6 @@ import torch
 
 from mamlen.core import MetaConfig, MetaEngine, Task
 
-from test_engine import random_state, ref_adapted, ref_loss, rel_err
-
 DROP = 0.2
 BASE = dict(inner_lr=3e-2, outer_lr=1e-2, inner_weight_decay=0.1, eps=1e-8, fd_eps=1e-5,
             attn_implementation="eager")  # one attention for every mode: the same RNG draws per forward
@@ -64,7 +62,7 @@ def test_fresh_masks_across_meta_steps_and_tasks(tiny, gen):
     assert (two - one).norm() > 1e-3 * one.norm(), "two identical tasks in one meta-batch drew the same masks"
 
 
-def ref_meta_gradient_same_masks(model, cfg, tasks, state):
+def ref_meta_gradient_same_masks(reference, model, cfg, tasks, state):
     """The float64 reference of test_engine.py, evaluated in the engine's RNG order: per task L_Q(θ) (the query's
     first evaluation: it fixes the query's masks), then S_1..S_K each once (its graph keeps its masks for the
     second order), then L_Q(φ_K) replaying the query's masks."""
@@ -74,12 +72,12 @@ def ref_meta_gradient_same_masks(model, cfg, tasks, state):
     for task in tasks:
         q_state = torch.get_rng_state()
         with torch.no_grad():
-            ref_loss(model, theta, task.query)
-        phi = ref_adapted(model, cfg, theta, state["exp_avg"], state["exp_avg_sq"], state["step"], task,
+            reference.ref_loss(model, theta, task.query)
+        phi = reference.ref_adapted(model, cfg, theta, state["exp_avg"], state["exp_avg_sq"], state["step"], task,
                           create_graph=True)
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(q_state)
-            q = ref_loss(model, phi, task.query)
+            q = reference.ref_loss(model, phi, task.query)
         for n, g in zip(G, torch.autograd.grad(q, list(theta.values()))):
             G[n] += g / len(tasks)
     return G
@@ -89,7 +87,7 @@ def ref_meta_gradient_same_masks(model, cfg, tasks, state):
     ("exact", {}), ("exact", {"inner_graph": "keep"}), ("exact", {"checkpointing": True}),
     ("mixed", {}), ("fd", {}),
 ])
-def test_every_mode_matches_the_reference_on_the_engines_masks(tiny, gen, hvp, extra):
+def test_every_mode_matches_the_reference_on_the_engines_masks(tiny, gen, reference, hvp, extra):
     K = 2
     model = dropout_gpt2(tiny)
     ref_model = copy.deepcopy(model)
@@ -97,13 +95,13 @@ def test_every_mode_matches_the_reference_on_the_engines_masks(tiny, gen, hvp, e
     tasks = [Task(support=[tiny.batch(gen) for _ in range(K)], query=tiny.batch(gen)) for _ in range(2)]
     tasks.append(tasks[0])  # a repeated task must still draw its own masks
     engine = MetaEngine(model, cfg)
-    state = random_state(model, gen)
+    state = reference.random_state(model, gen)
     engine.load_optimizer_state(state)
     torch.manual_seed(11)
     G = engine.meta_gradient(tasks)
     after_engine = torch.get_rng_state()
     torch.manual_seed(11)
-    R = ref_meta_gradient_same_masks(ref_model, cfg, tasks, state)
-    err = rel_err(G, R)
+    R = ref_meta_gradient_same_masks(reference, ref_model, cfg, tasks, state)
+    err = reference.rel_err(G, R)
     assert err < (1e-4 if hvp == "fd" else 1e-9), f"{hvp} {extra}: relative error {err:.3e} on the same masks"
     assert torch.equal(after_engine, torch.get_rng_state()), "the engine drew a different number of masks"
