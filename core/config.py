@@ -94,6 +94,10 @@ class MetaConfig:
                 raise ValueError(f"MetaConfig.{name}: must be a finite number ≥ 0, got {val!r}")
         if not self.eps > 0:  # AdamW's m/(√v + ε) is 0/0 on lanes with m = v = 0 (e.g. unused embedding rows)
             raise ValueError(f"MetaConfig.eps: must be > 0, got {self.eps!r}")
+        if self.hvp == "fd" and self.autocast_dtype is not None:
+            raise ValueError(f"MetaConfig.hvp: 'fd' under autocast_dtype={self.autocast_dtype} loses the Hessian term "
+                             "(its perturbations are far below bfloat16's resolution; bench/results/precision.md: "
+                             "error 5-15x the term itself); use hvp='exact' or 'mixed'")
         if self.inner_graph == "keep" and self.hvp != "exact":
             raise ValueError(f"MetaConfig.inner_graph: 'keep' holds the exact HVP's graph and has no effect with "
                              f"hvp={self.hvp!r}; use inner_graph='recompute' or hvp='exact'")

@@ -83,6 +83,11 @@ class MetaEngine:
         if self.config.checkpointing:
             activation_checkpoint.enable(model)
         self.arena = ParamArena(model)
+        low = [str(d) for d in self.arena.dtypes if d == torch.bfloat16]
+        if self.config.hvp == "fd" and low:
+            raise ValueError(f"MetaConfig.hvp: 'fd' with {low[0]} parameters loses the Hessian term (its "
+                             "perturbations are far below the weights' resolution; bench/results/precision.md); "
+                             "use hvp='exact' or 'mixed'")
         self.obj = Objective(model, self.arena, loss_fn, self.config.autocast_dtype)
         self.step_count = 0
         # m, v (full or this rank's shard, float or 8-bit), master weights, the G reduction: core/sharding.py
@@ -206,8 +211,10 @@ class MetaEngine:
             with torch.no_grad(), q_rng.replay():
                 q_before = float(obj.loss(query))
 
-        # forward: K inner steps. tape[j] = (φ_{j-1}, g_j, m_j, v_j, rng_j, kept graph)
-        phi = self.arena.flats
+        # forward: K inner steps. tape[j] = (φ_{j-1}, g_j, m_j, v_j, rng_j, kept graph). φ lives in the state
+        # dtype: an inner step of bfloat16 weights would mostly round away (at lr 1e-5, most N(0, 0.02) weights
+        # do not move) while the adjoint differentiates the unrounded map; the model sees φ cast to its dtype
+        phi = [f if f.dtype == _sd(f.dtype) else f.to(_sd(f.dtype)) for f in self.arena.flats]
         tape = []
         s_first = None
         for j, batch in enumerate(supports, start=1):
