@@ -288,8 +288,9 @@ def test_zero_gradient_lanes_are_finite(tiny, gen):
 
 # Lower precision against float64. An AdamW inner step from near-zero moments is sign-like (m/√v ≈ ±1) and its
 # derivative amplifies rounding by ~1/|g|; from running moments (v ≫ g², the shared-moments regime after a few
-# steps) it is well conditioned, as SGD is. Both regimes get a tolerance that the measured error (fp32 ~2e-7,
-# bf16 ~4e-3) clears by ~5x.
+# steps) it is well conditioned, as SGD is. Errors are bounded in units of the Hessian term |G64 - G64(first
+# order)|: fp32 1e-4 of it (an HVP off by 1e-4 fails), bf16 autocast 0.25 (measured 0.09-0.15; the bf16 accuracy
+# table is bench/results/precision.md).
 def running_state(model, gen):
     return {"step": 10,
             "exp_avg": {n: 1e-3 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in model.named_parameters()},
@@ -311,9 +312,13 @@ def test_lower_precision_close_to_float64(tiny, gen, inner):
         return {n: g.double() for n, g in engine.meta_gradient(tasks).items()}
 
     G64 = run(torch.float64, hvp="exact")
-    assert rel_err(run(torch.float32, hvp="exact"), G64) < 1e-6
+    F64 = run(torch.float64, hvp="first_order")
+    # errors in units of the Hessian term |G64 - F64| (a bound on |G - G64| alone let a 25%-wrong HVP pass)
+    h = rel_err(F64, G64)
+    assert rel_err(run(torch.float32, hvp="exact"), G64) < 1e-4 * h
     for hvp in ("exact", "mixed"):
-        assert rel_err(run(torch.float32, hvp=hvp, autocast_dtype=torch.bfloat16), G64) < 2e-2, hvp
+        err = rel_err(run(torch.float32, hvp=hvp, autocast_dtype=torch.bfloat16), G64) / h
+        assert err < 0.25, f"{hvp}: bf16 error {err:.2f} of the Hessian term"  # measured 0.09 (sgd), 0.15 (adamw)
 
 
 def test_nonfinite_step_is_skipped(tiny, gen):
