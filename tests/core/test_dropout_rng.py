@@ -47,9 +47,10 @@ def test_no_dropout_leaves_the_rng_alone(tiny, gen):
     assert torch.equal(before, torch.get_rng_state())
 
 
-def test_fresh_masks_across_meta_steps_and_tasks(tiny, gen):
+@pytest.mark.parametrize("attn", ["eager", "mamlen"])  # mamlen: the tiled attention draws its seed from the RNG
+def test_fresh_masks_across_meta_steps_and_tasks(tiny, gen, attn):
     model = dropout_gpt2(tiny)
-    engine = MetaEngine(model, MetaConfig(**BASE))
+    engine = MetaEngine(model, MetaConfig(**{**BASE, "attn_implementation": attn}))
     task = Task(support=[tiny.batch(gen)], query=tiny.batch(gen))
     torch.manual_seed(7)
     one = flat(engine.meta_gradient([task]))
@@ -105,3 +106,18 @@ def test_every_mode_matches_the_reference_on_the_engines_masks(tiny, gen, refere
     err = reference.rel_err(G, R)
     assert err < (1e-4 if hvp == "fd" else 1e-9), f"{hvp} {extra}: relative error {err:.3e} on the same masks"
     assert torch.equal(after_engine, torch.get_rng_state()), "the engine drew a different number of masks"
+
+
+def test_tiled_attention_recomputations_replay_its_seed(tiny, gen):
+    """With the tiled attention's dropout (seed drawn from the global RNG), exact-recompute, exact-keep and mixed
+    see the same masks from the same seed: every recomputation replays the seed of its loss's first evaluation."""
+    tasks = [Task(support=[tiny.batch(gen) for _ in range(2)], query=tiny.batch(gen)) for _ in range(2)]
+    out = []
+    for kw in (dict(hvp="exact"), dict(hvp="exact", inner_graph="keep"), dict(hvp="mixed")):
+        engine = MetaEngine(dropout_gpt2(tiny), MetaConfig(inner_steps=2, **{**BASE, "attn_implementation": None},
+                                                            **kw))
+        assert engine.attn_implementation == "mamlen"
+        torch.manual_seed(5)
+        out.append(flat(engine.meta_gradient(tasks)))
+    for other in out[1:]:
+        assert (other - out[0]).norm() < 1e-9 * out[0].norm()
