@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -79,22 +80,26 @@ def hvp_exact(obj, flats, batch, rng, vec, *, kept=None):
     return [torch.zeros_like(v) if h is None else h.to(v.dtype) for h, v in zip(hv, vec)]
 
 
-_NO_FORWARD_AD: set = set()  # model classes whose backward has an op without a forward-AD formula
+@dataclass
+class ForwardAD:
+    """Whether the model's backward has forward-mode AD, learnt at the first mixed HVP. One per engine: a model
+    (or loss) lacking it must not turn another engine's mixed mode into exact."""
+    supported: bool = True
 
 
-def hvp_mixed(obj, flats, batch, rng, vec):
+def hvp_mixed(obj, flats, batch, rng, vec, forward_ad: ForwardAD):
     """Tangent of ∇L at φ in direction vec: one dual forward + backward (forward-over-reverse).
-    A model whose backward meets an op without a forward-AD formula gets the exact HVP instead (warned once)."""
-    kind = type(obj.model)
-    if kind not in _NO_FORWARD_AD:
+    A model whose backward meets an op without a forward-AD formula gets the exact HVP instead (warned once per
+    `forward_ad` record)."""
+    if forward_ad.supported:
         try:
             return _hvp_mixed(obj, flats, batch, rng, vec)
         except NotImplementedError as err:
-            if "forward AD" not in str(err):
+            if "forward AD" not in str(err) and "forward mode AD" not in str(err):  # (ops, custom Functions)
                 raise
-            _NO_FORWARD_AD.add(kind)
-            warnings.warn(f"hvp='mixed': {kind.__name__}'s backward uses an op without forward-mode AD ({err}); "
-                          "using the exact reverse-over-reverse HVP for this model instead", RuntimeWarning)
+            forward_ad.supported = False
+            warnings.warn(f"hvp='mixed': {type(obj.model).__name__}'s backward uses an op without forward-mode AD "
+                          f"({err}); using the exact reverse-over-reverse HVP for this engine instead", RuntimeWarning)
     return hvp_exact(obj, flats, batch, rng, vec)
 
 

@@ -226,6 +226,12 @@ class EngineConfig(_Section):
         self._require(self.inner_steps >= 1, "inner_steps", "must be >= 1")
         self._require(all(0.0 <= b < 1.0 for b in self.betas), "betas", "each must be in [0, 1)")
         self._require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        self._require(self.autocast_dtype != "float16", "autocast_dtype",
+                      "float16 is refused: the meta-step has no loss scaling; use bfloat16")
+        self._require(self.hvp != "fd" or self.autocast_dtype is None, "hvp",
+                      "'fd' under autocast loses the Hessian term (bench/results/precision.md); use exact or mixed")
+        self._require(self.inner_graph == "recompute" or self.hvp == "exact", "inner_graph",
+                      f"'keep' only applies to hvp='exact' (got hvp={self.hvp!r})")
 
 
 @dataclass(kw_only=True)
@@ -374,6 +380,9 @@ class Config(_Section):
         self._require(bool(self.output_dir), "output_dir", "must not be empty")
         if self.train.method == "metaicl" and self.engine.moments == "separate":
             raise ConfigError("engine.moments: 'separate' has no meaning for train.method 'metaicl'")
+        if self.engine.hvp == "fd" and self.model.dtype == "bfloat16":
+            raise ConfigError("engine.hvp: 'fd' with model.dtype=bfloat16 loses the Hessian term "
+                              "(bench/results/precision.md); use exact or mixed")
         if self.engine.master_weights and self.model.dtype != "bfloat16":
             raise ConfigError(f"engine.master_weights: needs model.dtype=bfloat16, got model.dtype={self.model.dtype!r}")
 
