@@ -127,9 +127,10 @@ def paired_power(n: int, effect: float, sd: float, alpha: float = 0.05) -> float
     differences have standard deviation sd (noncentral t, dof n − 1)."""
     if n < 2 or sd <= 0:
         raise ValueError(f"paired_power: need n >= 2 and sd > 0, got n={n}, sd={sd}")
-    dof, nc = n - 1, effect / sd * math.sqrt(n)
+    dof, nc = n - 1, abs(effect) / sd * math.sqrt(n)
     crit = st.t.ppf(1 - alpha / 2, dof)
-    return float(st.nct.sf(crit, dof, nc) + st.nct.cdf(-crit, dof, nc))
+    wrong_side = st.nct.cdf(-crit, dof, nc)  # <= alpha/2; scipy returns NaN for it once nc is large
+    return float(st.nct.sf(crit, dof, nc) + (wrong_side if math.isfinite(wrong_side) else 0.0))
 
 
 def min_detectable_effect(n: int, sd: float, alpha: float = 0.05, power: float = 0.8) -> float:

@@ -99,3 +99,10 @@ def test_bootstrap_seed_level_dominates():
     assert b.low < -0.2 and b.high > 1.2
     with pytest.raises(ValueError, match="same"):
         stats.hierarchical_bootstrap([[[1.0, 2.0]], [[1.0]]])
+
+
+def test_power_with_few_seeds_and_strict_alpha_is_finite():
+    # scipy's noncentral t lower tail is NaN at large noncentrality: the power must still be a number
+    for n in (2, 3, 5):
+        assert 0 < stats.paired_power(n, 50.0, 1.0, alpha=0.05 / 28) <= 1
+        assert math.isfinite(stats.min_detectable_effect(n, 1.0, alpha=0.05 / 28))
