@@ -101,8 +101,10 @@ ARMS = {
 }
 
 
-def build_plan(name: str) -> Plan:
-    """smoke: tiny random GPT-2 (tests); pilot: MetaICL score vs meta-steps; main: the arms x 5 seeds."""
+def build_plan(name: str, steps: int = 200, time_factor: int = 3, seeds: int = 5) -> Plan:
+    """smoke: tiny random GPT-2 (tests); pilot: MetaICL score vs meta-steps; main: the arms x `seeds` training
+    seeds, `steps` meta-steps each (MetaICL on equal CPU time: time_factor x steps; the pilot chooses steps, the
+    measured CPU seconds per step of MAML-en-LLM over MetaICL the factor)."""
     if name == "smoke":
         spec = EvalSpec(k=2, seeds=(100, 13), max_queries=4, max_len=256, batch_size=4)
         plan = Plan("smoke", "tiny", "class_to_class", {"full": spec},
@@ -124,23 +126,24 @@ def build_plan(name: str) -> Plan:
             "warmup, evaluated at increasing meta-steps on the curve evaluation; the base model on the same "
             "evaluation is step 0."))
         plan.runs = [Run("pilot-base", "base", eval="curve")]
-        for lr in (1e-5, 3e-5):
+        for lr in (3e-5, 1e-5):  # the larger lr first: the more likely to move the model within the budget
             track = f"pilot-metaicl-lr{lr:g}-s0"
             plan.runs += [Run(f"{track}-step{n}", "metaicl", 0, n, track=track,
-                              overrides=(("engine.outer_lr", lr),), eval="curve") for n in (25, 50, 100, 200, 400)]
+                              overrides=(("engine.outer_lr", lr),), eval="curve") for n in (50, 100, 200, 400)]
         return plan
     if name == "main":
-        steps, time_factor = 200, 3
         plan = Plan("main", "study", "class_to_class", evals, note=(
             "Main plan (issue 13, item 4): every arm on class_to_class with 5 training seeds, the same "
             f"{steps} meta-steps of the preset's tasks per step (MetaICL on equal CPU time: {time_factor}x the "
             "steps), evaluated on all unseen tasks and unseen-domain tasks."))
         plan.runs = [Run("base", "base")]
-        for seed in range(5):
-            plan.runs += [Run(f"metaicl-s{seed}", "metaicl", seed, steps),
-                          Run(f"maml-s{seed}", "maml", seed, steps),
-                          Run(f"fomaml-s{seed}", "fomaml", seed, steps),
-                          Run(f"metaicl-time-s{seed}", "metaicl-time", seed, steps * time_factor)]
+        # order = priority when the budget runs out: the two methods first, seed by seed; then first-order MAML;
+        # then MetaICL on equal CPU time
+        for seed in range(seeds):
+            plan.runs += [Run(f"metaicl-s{seed}", "metaicl", seed, steps), Run(f"maml-s{seed}", "maml", seed, steps)]
+        plan.runs += [Run(f"fomaml-s{seed}", "fomaml", seed, steps) for seed in range(seeds)]
+        plan.runs += [Run(f"metaicl-time-s{seed}", "metaicl-time", seed, steps * time_factor)
+                      for seed in range(seeds)]
         return plan
     raise SystemExit(f"unknown plan {name!r} (smoke, pilot, main)")
 
@@ -221,21 +224,26 @@ def evaluate_model(model, tok, cfg, spec: EvalSpec) -> tuple[dict, dict]:
 
 
 def execute(plan: Plan, run: Run, results_dir: Path = RESULTS_DIR, work_dir: Path = WORK_DIR,
-            extra: list[str] = (), log=print, root: Path = ROOT) -> dict:
+            extra: list[str] = (), log=print, root: Path = ROOT, command: str = "") -> dict:
     """Train (unless the base model), evaluate, write NAME.json and NAME.pq.json.gz; a finished run is skipped."""
     import torch
     from mamlen.train import checkpoint, config, meta, models
 
     out = results_dir / f"{run.name}.json"
     if out.exists():
-        return json.loads(out.read_text())
+        done = json.loads(out.read_text())
+        if done["run"] != json.loads(json.dumps(asdict(run))):
+            raise SystemExit(f"{out} records a different run ({done['run']}) than the plan's ({asdict(run)}): "
+                             "keep the plan's --steps/--time-factor of the finished runs, or move the JSON away")
+        return done
     sha = require_clean(root)
     cfg = run_config(plan, run, work_dir, extra)
     rec = {"name": run.name, "plan": plan.name, "run": asdict(run), "arm": run.arm,
            "config": yaml.safe_load(config.to_yaml(cfg)), "eval_spec": asdict(plan.evals[run.eval]),
            "status": 0, "git": sha, "torch": torch.__version__,
            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
-           "command": f"python bench/study.py run --plan {plan.name}" + "".join(f" --set {s}" for s in extra)}
+           "command": command or f"python bench/study.py run --plan {plan.name}"
+           + "".join(f" --set {s}" for s in extra)}
     log(f"== {run.name}: {run.arm}, seed {run.seed}, {run.steps} steps")
     torch.set_num_threads(cfg.train.num_threads or 1)  # one thread per run: the other core stays free
     trained = run.arm != "base"
@@ -591,6 +599,9 @@ def main(argv=None) -> int:
                        help="config override for every run")
         q.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
         q.add_argument("--work-dir", type=Path, default=WORK_DIR)
+        q.add_argument("--steps", type=int, default=200, help="main plan: meta-steps per run (from the pilot)")
+        q.add_argument("--time-factor", type=int, default=3,
+                       help="main plan: MetaICL-on-equal-CPU-time steps = this x --steps (measured CPU ratio)")
     rep = sub.add_parser("report", help="write bench/results/study_report.md from the JSONs present")
     rep.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     pr = sub.add_parser("probe-inner-lr", help="adapt_gain vs inner lr (written to bench/results/study_probe.md)")
@@ -621,7 +632,7 @@ def main(argv=None) -> int:
         report(args.results_dir)
         print(f"wrote {args.results_dir.parent / 'study_report.md'}")
         return 0
-    plan = build_plan(args.plan)
+    plan = build_plan(args.plan, args.steps, args.time_factor)
     runs = plan.runs
     if args.only:
         want = [w.strip() for w in args.only.split(",") if w.strip()]
@@ -636,7 +647,8 @@ def main(argv=None) -> int:
         return 0
     for i, x in enumerate(runs, 1):
         t0 = time.time()
-        rec = execute(plan, x, args.results_dir, args.work_dir, args.sets)
+        rec = execute(plan, x, args.results_dir, args.work_dir, args.sets, command=" ".join(
+            ["python bench/study.py"] + (sys.argv[1:] if argv is None else list(argv))))
         print(f"[{i}/{len(runs)}] {x.name}: status {rec.get('status')} ({time.time() - t0:.0f} s)", flush=True)
     return 0
 

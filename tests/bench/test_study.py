@@ -101,6 +101,9 @@ def test_smoke_plan_end_to_end(tmp_path):
     mtime = (results / "maml-s0.json").stat().st_mtime_ns
     assert study.execute(plan, plan.runs[2], results, work, root=root)["date"] == rec["date"]
     assert (results / "maml-s0.json").stat().st_mtime_ns == mtime
+    # ... unless the plan changed under it: a finished run of other steps is not silently reused
+    with pytest.raises(SystemExit, match="different run"):
+        study.execute(study.build_plan("smoke"), study.Run("maml-s0", "maml", 0, 3), results, work, root=root)
     comps = study.main_comparisons(results, n_boot=50)
     assert not comps  # the smoke runs are not the main plan
     for p in results.glob("*.json"):  # relabel them as main-plan runs: the analysis must then find every pair
