@@ -132,22 +132,25 @@ def score_sequences(model, items: Sequence[tuple[list[int], list[int], int]], *,
             first_lp = _logprobs(model, out.last_hidden_state[torch.arange(Bs), last])  # (Bs, V): tail token 0
             del out
             tails = [(b, i, tail) for b, stem in enumerate(chunk) for i, tail in stems[stem]]
-            for tlo in range(0, len(tails), batch_size):
-                tc = tails[tlo:tlo + batch_size]
+            for b, i, tail in tails:
+                losses[i] = -first_lp[b, tail[0]].item()  # a one-token option needs nothing more
+            # tail tokens 0..n-2 predict tokens 1..n-1; the last token is never read, so it is not run
+            longer = [(b, i, tail) for b, i, tail in tails if len(tail) > 1]
+            for tlo in range(0, len(longer), batch_size):
+                tc = longer[tlo:tlo + batch_size]
                 rows = torch.tensor([b for b, _, _ in tc], device=device)
-                tids, tmask = _pad([t for _, _, t in tc], pad_token_id, device)  # (Bt, Lt)
+                tids, tmask = _pad([t[:-1] for _, _, t in tc], pad_token_id, device)  # (Bt, Lt)
                 Bt, Lt = tids.shape
                 pos = (P + last[rows] + 1)[:, None] + torch.arange(Lt, device=device)  # continue after the stem
                 mask = torch.cat([torch.ones((Bt, P), dtype=torch.long, device=device), smask[rows], tmask], 1)
                 hid = body(input_ids=tids, attention_mask=mask, position_ids=pos,
-                           cache=_cache(stem_kv, rows=rows), use_cache=True).last_hidden_state
+                           cache=_cache(stem_kv, rows=rows), use_cache=True).last_hidden_state  # (Bt, Lt, d)
                 for j, (b, i, tail) in enumerate(tc):
                     n = len(tail)
-                    lp_rest = _logprobs(model, hid[j, :n - 1]) if n > 1 else None  # (n-1, V)
-                    nll = -first_lp[b, tail[0]].item()
-                    if lp_rest is not None:
-                        nll -= lp_rest.gather(-1, tids[j, 1:n, None]).sum().item()
-                    losses[i] = nll / n
+                    rest = torch.tensor(tail[1:], device=device)
+                    losses[i] -= _logprobs(model, hid[j, :n - 1]).gather(-1, rest[:, None]).sum().item()
+            for b, i, tail in tails:
+                losses[i] /= len(tail)
     return losses
 
 

@@ -21,7 +21,9 @@ def ex(i, o, opts):
 
 
 DEMOS = [ex(f"demo number {i} says", "yes" if i % 2 else "no", ["yes", "no"]) for i in range(5)]
-QUERIES = [ex("short q", "yes", ["yes", "no", "maybe so"]), ex("a much longer query " * 3, "no", ["no", "yes"])]
+# options of one token ("y" with the byte tokenizers) and of several
+QUERIES = [ex("short q", "yes", ["yes", "no", "maybe so"]), ex("a much longer query " * 3, "no", ["no", "yes"]),
+           ex("q3", "y", ["y", "n", "no"])]
 
 
 @pytest.fixture(scope="module")
