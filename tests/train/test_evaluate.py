@@ -245,3 +245,19 @@ def test_cli_argument_errors(data_dir, capsys):
         evaluate.main(["--data-dir", str(data_dir), "--tasks", "parity", "--seeds", "1,x"])
     with pytest.raises(data.DataError, match="unknown setting"):
         evaluate.main(["--data-dir", str(data_dir), "--setting", "nope", "--model", "tiny-gpt2"])
+
+
+@pytest.mark.parametrize("hvp", ["exact", "fd"])
+def test_scores_unchanged_under_the_engines_attention(hvp):
+    """Evaluation during training runs on the attention the engine chose for its HVP mode (e.g. the tiled
+    second-order one): the cached, padded, position-shifted scoring must give the same scores there."""
+    from mamlen.core import MetaConfig, MetaEngine
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, tok = models.load_model("tiny-llama")
+    ref = _reference(model, tok, DEMOS, QUERIES, "direct", 1024)
+    MetaEngine(model, MetaConfig(hvp=hvp))
+    got = evaluate.score_options(model, tok, DEMOS, QUERIES, batch_size=2)
+    for g, r in zip(got, ref):
+        assert g == pytest.approx(r, abs=1e-5)
