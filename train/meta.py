@@ -18,6 +18,10 @@ import sys
 if __name__ == "__main__":  # run as a script: train/ must not shadow libraries (its evaluate.py vs HF `evaluate`)
     _here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # a torchrun worker: ask to die with the launcher now, not after the slow imports below
+        from mamlen.train import parent_watch
+        parent_watch.die_with_parent()
 
 import contextlib
 import datetime

@@ -19,15 +19,17 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 def die_with_parent(sig: int = signal.SIGTERM) -> bool:
     """Have the kernel send `sig` to this process when its parent exits; False where unsupported (non-Linux).
 
-    If the parent is already gone (it died before this call), exit now: the signal would never come."""
+    Call it as early as possible: a parent that dies before the call is noticed only if it dies during it
+    (then this exits). Idempotent."""
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return False
+    parent = os.getppid()
     if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         return False
-    if os.getppid() == 1:  # re-parented to init: the launcher died before we asked
-        raise SystemExit(f"pid {os.getpid()}: the launcher exited before this worker started; stopping")
+    if os.getppid() != parent:  # re-parented while we asked: the signal will not come
+        raise SystemExit(f"pid {os.getpid()}: the launcher (pid {parent}) exited; stopping")
     return True
