@@ -177,6 +177,11 @@ def _free_bytes(directory: Path) -> int:
         return -1
 
 
+def size(ckpt: Path) -> int:
+    """Bytes of the files of a checkpoint directory."""
+    return sum(f.stat().st_size for f in ckpt.iterdir() if f.is_file())
+
+
 def check_free_space(directory: Path, need: int) -> None:
     """Raise CheckpointError unless `directory` has `need` bytes free: a new checkpoint is written before old
     ones are pruned, so it must fit next to the ones kept; better said up front than as a torn write."""

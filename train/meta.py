@@ -165,6 +165,8 @@ def train(cfg: config.Config, rank: int = 0, world: int = 1, device=torch.device
 def _train(cfg: config.Config, rank: int, world: int, device: torch.device) -> int:
     say = print if rank == 0 else (lambda m: None)
     plan, first = resume.plan(cfg.output_dir, cfg.checkpoint.resume, rank=rank, world=world, warn=say)
+    if first is not None:  # rank 0: the next save needs the room the last one took; say so before the model loads
+        checkpoint.check_free_space(Path(cfg.output_dir), checkpoint.size(first.path))
     model, tok, engine, mcfg, sampler, eval_tasks = build(cfg, rank, world, device)
     ck = resume.load(cfg.output_dir, plan, lambda c: restore(c, cfg, model, engine, sampler, rank, world, say),
                      world=world, first=first, warn=say)

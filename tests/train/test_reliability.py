@@ -312,6 +312,16 @@ def test_free_space_is_checked_before_each_save(tmp_path, monkeypatch):
     assert not checkpoint.checkpoints(out) and not list(out.glob(".ckpt-*"))
 
 
+def test_a_resumed_run_checks_free_space_before_the_model_loads(two_checkpoints, tmp_path, monkeypatch, no_model):
+    base, _ = two_checkpoints
+    out = tmp_path / "run"
+    shutil.copytree(base, out)
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=4096))
+    with pytest.raises(SystemExit, match=rf"{out}: not enough free space to save a checkpoint"):
+        run(out, 4)
+
+
 def test_a_failed_write_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
     out = tmp_path / "run"
 
