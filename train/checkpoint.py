@@ -111,13 +111,13 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def save(output_dir: str | Path, step: int, *, model: torch.nn.Module, optimizer_state: dict, state: dict,
-         config_yaml: str, keep: int, verified: set[str] | None = None,
+         config_yaml: str, keep: int, known: dict[str, bool] | None = None,
          warn: Callable[[str], None] = print) -> Path:
     """Write ckpt-{step:08d} atomically, then `prune` to the newest `keep` verified checkpoints. Rank 0 only.
 
     optimizer_state: the engine's {"step": int, "exp_avg": {name: T}, "exp_avg_sq": {name: T}};
     state: JSON-able trainer state (step, counters, sampler state, per-rank RNG states);
-    verified: names of checkpoints known good (see `prune`). Raises CheckpointError, naming the directory and
+    known: what this process knows of the checkpoints (see `prune`). Raises CheckpointError, naming the directory and
     the bytes needed, when there is no room, and removes what it wrote when a write fails."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,9 +164,9 @@ def save(output_dir: str | Path, step: int, *, model: torch.nn.Module, optimizer
     else:
         os.rename(tmp, final)
     _fsync(out)
-    if verified is not None:
-        verified.add(final.name)  # written and hashed just now
-    prune(out, keep, verified=verified, warn=warn)
+    if known is not None:
+        known[final.name] = True  # written and hashed just now
+    prune(out, keep, known=known, warn=warn)
     return final
 
 
@@ -192,27 +192,27 @@ def check_free_space(directory: Path, need: int) -> None:
                               "or lower checkpoint.keep (the new checkpoint is written before old ones are pruned)")
 
 
-def prune(output_dir: str | Path, keep: int, *, verified: set[str] | None = None,
+def prune(output_dir: str | Path, keep: int, *, known: dict[str, bool] | None = None,
           warn: Callable[[str], None] = print) -> None:
     """Delete all but the newest `keep` checkpoints that pass `verify`; damaged ones do not count as kept.
 
     Damaged checkpoints older than the oldest kept one are deleted; newer damaged ones are left (the step
-    will be saved over them). `verified`: names already known good in this process (saved or loaded by it),
-    so only the others are hashed; it is updated."""
-    verified = set() if verified is None else verified
+    will be saved over them). `known`: {name: passed verify} learned earlier in this process (saved, loaded
+    or pruned by it), so each checkpoint is hashed, and a damaged one reported, once; it is updated."""
+    known = {} if known is None else known
     kept = 0
     for ckpt in reversed(checkpoints(output_dir)):
         if kept >= keep:
             shutil.rmtree(ckpt, ignore_errors=True)
             continue
-        if ckpt.name not in verified:
+        if ckpt.name not in known:
             try:
                 verify(ckpt)
+                known[ckpt.name] = True
             except CheckpointError as e:
                 warn(f"checkpoint {ckpt.name} is damaged and not counted as kept: {e}")
-                continue
-            verified.add(ckpt.name)
-        kept += 1
+                known[ckpt.name] = False
+        kept += known[ckpt.name]
 
 
 # ---------------------------------------------------------------------------------------------------------

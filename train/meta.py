@@ -171,7 +171,7 @@ def _train(cfg: config.Config, rank: int, world: int, device: torch.device) -> i
     ck = resume.load(cfg.output_dir, plan, lambda c: restore(c, cfg, model, engine, sampler, rank, world, say),
                      world=world, first=first, warn=say)
     start, skips = (ck.step, int(ck.state["consecutive_skips"])) if ck is not None else (0, 0)
-    verified = {ck.path.name} if ck is not None else set()  # checkpoints known good: pruning need not hash them
+    known = {ck.path.name: True} if ck is not None else {}  # {checkpoint: verified?}: pruning hashes each once
     log = Logger(cfg.output_dir, enabled=rank == 0, start_step=start, max_steps=cfg.train.max_steps,
                  progress=cfg.log.progress, tensorboard=cfg.log.tensorboard, log_every=cfg.log.every)
     if ck is not None:
@@ -194,7 +194,7 @@ def _train(cfg: config.Config, rank: int, world: int, device: torch.device) -> i
             state = {"step": step, "consecutive_skips": skips, "sampler": {**sampler.state_dict(), "step": step},
                      "rng": rngs, "world_size": world}
             path = checkpoint.save(cfg.output_dir, step, model=model, optimizer_state=opt, state=state,
-                                   config_yaml=config.to_yaml(cfg), keep=cfg.checkpoint.keep, verified=verified,
+                                   config_yaml=config.to_yaml(cfg), keep=cfg.checkpoint.keep, known=known,
                                    warn=log.write)
             log.write(f"saved {path}")
 
