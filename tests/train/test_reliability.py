@@ -98,6 +98,7 @@ def newest_step(out):
 # 1. one run per output directory
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_live_directory_fails_at_once(tmp_path, no_model, monkeypatch):
     out = tmp_path / "run"
     log = open(tmp_path / "a.log", "w")
