@@ -73,9 +73,10 @@ def check_name(name: str, timeout: float = 10.0) -> None:
         raise ModelNameError(f"model {name!r}: no such directory")
     import huggingface_hub
     from huggingface_hub import constants, errors
+    from huggingface_hub.utils import validate_repo_id
 
     try:
-        huggingface_hub.utils.validate_repo_id(name)
+        validate_repo_id(name)
     except errors.HFValidationError as e:
         raise ModelNameError(f"model {name!r}: neither a built-in name ({', '.join(('smollm2',) + TINY)}), "
                              f"a local directory, nor a valid Hub id ({e})") from None

@@ -542,3 +542,16 @@ def test_an_unknown_model_fails_fast_without_retries(toy, no_model, monkeypatch)
     with pytest.raises(SystemExit, match=r"model 'no-such-org/no-such-model': .*Hub cannot be reached"):
         eval_main(toy, "--model", "no-such-org/no-such-model")
     assert len(calls) == 1 and calls[0][1] is not None
+
+
+@pytest.mark.slow
+def test_evaluate_cli_offline_unknown_model_is_one_line(toy, tmp_path):
+    """As a user runs it (a fresh process: nothing imported beforehand)."""
+    p = subprocess.run([sys.executable, str(ROOT / "train" / "evaluate.py"), "--data-dir", str(toy), "--tasks",
+                        "succ", "--k", "2", "--seeds", "100", "--model", "no-such-org/no-such-model"],
+                       capture_output=True, text=True, env={**env(), "HF_HUB_OFFLINE": "1"}, cwd=tmp_path,
+                       timeout=300)
+    assert p.returncode == 1, p.stdout + p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model 'no-such-org/no-such-model': not a local directory")
+    assert lines[0].endswith("and HF_HUB_OFFLINE is set"), lines
