@@ -223,7 +223,7 @@ def _task_files(data_dir, task: str, k: int, seed: int) -> tuple[list[dict], lis
     if test_path is None:
         raise data.DataError(f"{data.task_file(data_dir, task, 'test', k, seed)}: no such task file "
                              f"(nor any {task}_*_{seed}_test.jsonl)")
-    test = data.read_jsonl(test_path, task)
+    test = data.read_jsonl(test_path, task, need_options=True)
     if k == 0:
         return [], test
     demo_path = _find_file(data_dir, task, "train", k, seed)
@@ -257,6 +257,19 @@ def query_scores(losses: Sequence[Sequence[float]], queries: Sequence[dict]) -> 
         margin.append(min(wrong) - ls[gold])
         correct.append(metrics.argmin_option(ls, q["options"]) == q["output"])
     return QueryScores(nll, margin, correct)
+
+
+def check_tasks(data_dir, tasks: Sequence[str], *, k: int, seeds: Sequence[int]) -> None:
+    """Read and check every file an evaluation of `tasks` will read (demonstrations, queries, tasks.json), so
+    bad data is reported, naming file and line, before a model is loaded. Raises data.DataError."""
+    if not tasks:
+        raise data.DataError(f"no tasks to evaluate in {data_dir}")
+    for task in tasks:
+        if not (Path(data_dir) / task).is_dir():
+            raise data.DataError(f"task {task!r}: no folder {Path(data_dir) / task}")
+        for seed in seeds:
+            _, test = _task_files(data_dir, task, k, seed)
+        data.task_info(data_dir, task, test)
 
 
 def evaluate(model, tokenizer, data_dir, tasks: Sequence[str], *, k: int = 16, seeds: Sequence[int] = DEFAULT_SEEDS,
@@ -380,49 +393,107 @@ def _write_json(path: Path, obj, indent: int | None = 2) -> None:
         raise
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, every flag checked (argparse names the flag in one line, exit code 2)."""
     p = argparse.ArgumentParser(description="Evaluate a causal LM in context on MetaICL-format tasks.")
     p.add_argument("--model", default="smollm2",
                    help="smollm2 (offline default), tiny-gpt2, tiny-llama, or an HF name/path")
-    p.add_argument("--data-dir", default=str(data.DEFAULT_DATA_DIR), help="MetaICL-format data directory")
+    p.add_argument("--data-dir", default=str(data.DEFAULT_DATA_DIR),
+                   help="MetaICL-format data directory (default: the suite shipped with mamlen)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--setting", help="setting name (or .json path); evaluates its --split tasks")
     which.add_argument("--tasks", help="comma-separated task names")
-    p.add_argument("--split", default="test", choices=["test", "unseen_domain_test"])
-    p.add_argument("--k", type=int, default=16, help="demonstrations per query (0: zero-shot)")
-    p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)))
-    p.add_argument("--method", default="direct", choices=["direct", "channel"])
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-len", type=int, default=1024)
-    p.add_argument("--max-example-len", type=int, default=256)
-    p.add_argument("--max-queries", type=int, default=None, help="use only the first N test queries per task")
-    p.add_argument("--adapt-steps", type=int, default=0, help="adaptation protocol: AdamW steps on the demos")
-    p.add_argument("--adapt-lr", type=float, default=1e-5)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
-    p.add_argument("--output", default=None, help="write the results as JSON here")
+    p.add_argument("--split", default="test", choices=["test", "unseen_domain_test"],
+                   help="which task list of --setting to evaluate")
+    p.add_argument("--k", type=_int_at_least(0), default=16, help="demonstrations per query (0: zero-shot)")
+    p.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
+                   help="comma-separated demonstration seeds; per task the mean and the worst are reported")
+    p.add_argument("--method", default="direct", choices=["direct", "channel"],
+                   help="direct scores P(option | input), channel P(input | option)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8, help="sequences per scoring batch")
+    p.add_argument("--max-len", type=_int_at_least(16), default=1024,
+                   help="tokens per sequence (demonstrations are left-truncated to fit)")
+    p.add_argument("--max-example-len", type=_int_at_least(2), default=256,
+                   help="tokens per demonstration or query (the input is cut first)")
+    p.add_argument("--max-queries", type=_int_at_least(1), default=None,
+                   help="use only the first N test queries per task")
+    p.add_argument("--adapt-steps", type=_int_at_least(0), default=0,
+                   help="adaptation protocol: AdamW steps on the demos")
+    p.add_argument("--adapt-lr", type=_positive_float, default=1e-5, help="learning rate of --adapt-steps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"],
+                   help="parameter dtype of the loaded model")
+    p.add_argument("--output", default=None, help="write the results as JSON here (checked before evaluating)")
     p.add_argument("--per-query", default=None, metavar="FILE",
                    help="write every query's gold NLL, margin and correctness here (JSON; gzip if FILE ends .gz)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_int_at_least(1), default=None,
                    help="torch CPU threads (on a busy shared machine 1 can be many times faster than 2)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
-        p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+        p.error(f"argument --seeds: must be comma-separated integers, got {args.seeds!r}")
+    if not args.seeds:
+        p.error("argument --seeds: no seed given")
+    if not Path(args.data_dir).is_dir():
+        p.error(f"argument --data-dir: {args.data_dir} is not a directory")
+    if args.output is not None:
+        try:
+            check_writable(Path(args.output))
+        except OSError as e:
+            p.error(f"argument --output: {args.output}: cannot be written ({e.strerror or e})")
     return args
+
+
+def check_writable(path: Path) -> None:
+    """Raise OSError unless a file can be created at `path` (its folder is created): found before the evaluation,
+    not after it."""
+    if path.is_dir():
+        raise IsADirectoryError(21, "is a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".probe")
+    os.close(fd)
+    os.unlink(probe)
 
 
 def main(argv=None) -> dict:
     from mamlen.train import models
 
     args = parse_args(argv)
-    if args.setting:
-        tasks = data.load_setting(args.data_dir, args.setting)[args.split]
-        if not tasks:
-            raise SystemExit(f"setting {args.setting!r} has no {args.split} tasks")
-    else:
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    # everything that can be wrong with the input is found before the model loads
+    try:
+        if args.setting:
+            tasks = data.load_setting(args.data_dir, args.setting)[args.split]
+            if not tasks:
+                raise data.DataError(f"setting {args.setting!r} has no {args.split} tasks")
+        else:
+            tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        check_tasks(args.data_dir, tasks, k=args.k, seeds=args.seeds)
+        models.check_name(args.model)
+    except (data.DataError, models.ModelNameError) as e:
+        raise SystemExit(f"error: {e}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
