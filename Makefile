@@ -5,6 +5,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.mamlen-installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: install test demo bench clean-venv
 
@@ -21,12 +22,16 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	# every benchmark once, untimed and at small sizes, so that they cannot rot (bench/README.md)
+	$(BIN)/python -m pytest -q bench --benchmark-disable
 
 demo: $(STAMP)
 	$(BIN)/python train/meta.py --preset demo
 
+# timed kernel and meta-step benchmarks; BENCH_ARGS e.g. --benchmark-autosave, or
+# --benchmark-compare --benchmark-compare-fail=median:20% (bench/README.md)
 bench: $(STAMP)
-	$(BIN)/python -m pytest bench --benchmark-only -q
+	$(BIN)/python -m pytest bench --benchmark-only -q $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV) build
