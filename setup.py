@@ -87,7 +87,9 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[
         "torch==2.13.0",  # pinned: on this project's machines 2.13.0 is the local CPU build
-        "transformers>=5.0,<6",
+        # the versions the test suite ran on (5.23: DESIGN.md; 5.24: make install); widen after running it on more.
+        # tests/test_install.py checks the installed version is in this range
+        "transformers>=5.23,<5.25",
         "datasets>=3.0",
         "safetensors>=0.4",
         "pyyaml>=6",
