@@ -142,6 +142,10 @@ def load_model(name_or_path: str = "smollm2", *, dtype: torch.dtype = torch.floa
     elif name_or_path == "smollm2":
         model, tok = _smollm2(kwargs)
     else:
+        local = Path(name_or_path).expanduser()
+        if (local.is_absolute() or name_or_path.startswith((".", "~"))) and not (local / "config.json").is_file():
+            # clearly a path, not a hub id: say so now rather than after the hub's retries (~30 s offline)
+            raise UnknownModelError(f"{name_or_path!r} is not a model: no {local / 'config.json'}; use {ACCEPTED}")
         try:
             tok = AutoTokenizer.from_pretrained(name_or_path)
         except (OSError, ValueError) as e:  # no such directory or hub repo, the hub unreachable, a malformed id

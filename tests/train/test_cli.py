@@ -55,8 +55,10 @@ def test_help_answers_without_importing_torch():
 def test_unknown_model_is_one_line_naming_the_field_and_the_accepted_forms(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub is unreachable in CI anyway; fail fast
     with pytest.raises(models.UnknownModelError) as e:
-        models.load_model(str(tmp_path / "no-such-model"))
-    assert "tiny-gpt2" in str(e.value) and "hub id" in str(e.value)
+        models.load_model(str(tmp_path / "no-such-model"))  # a path: refused without asking the hub
+    assert "no-such-model/config.json" in str(e.value) and "tiny-gpt2" in str(e.value) and "hub id" in str(e.value)
+    with pytest.raises(models.UnknownModelError, match="'no-such-org/no-such-model' is not a model: use "):
+        models.load_model("no-such-org/no-such-model")  # a hub id: what the hub (offline here) said is appended
     with pytest.raises(SystemExit) as e:
         meta.main(["--preset", "tiny", "--output-dir", str(tmp_path / "out"),
                    "--set", f"model.name={tmp_path / 'no-such-model'}"])
