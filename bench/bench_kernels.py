@@ -1,7 +1,9 @@
 """Fused kernels vs unfused torch on 2^24 float32 elements (CPU: the C++ variant).
 
-    .venv/bin/python -m pytest bench/bench_kernels.py --benchmark-only     # pytest-benchmark tables
-    .venv/bin/python bench/bench_kernels.py [--n 16777216] [--reps 15]    # markdown table for RESULTS.md
+    .venv/bin/python bench/bench_kernels.py [--n 16777216] [--reps 15]    # markdown table for results/kernels.md
+
+The same cases under pytest-benchmark (saved runs, regression checks, every backend and the torch.compile'd
+reference): bench/test_kernels.py, which imports Data, BYTES and HP from here.
 
 Every case reports bytes moved under the streaming model (each buffer read once, each output written
 once; page-zeroing of fresh outputs not counted) and the GB/s that implies, next to a tensor copy
@@ -17,7 +19,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 
 from mamlen import kernels
@@ -122,38 +123,6 @@ def cases(d):
         "fd_combine_": {b: (lambda b=b, a=a: kernels.fd_combine_(a, d.g, d.m, 0.5, backend=b))
                         for b, a in (("reference", acc1), ("cpp", acc2))},
     }
-
-
-# ---- pytest-benchmark ----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def data():
-    return Data(N)
-
-
-@pytest.fixture(scope="module")
-def copy_gbps(data):
-    """Copy bandwidth of this run (GB/s), the floor every fused kernel is compared with."""
-    ts = timings({"copy": cases(data)["copy"]["torch"]}, reps=10)["copy"]
-    return BYTES["copy"] * data.n / statistics.median(ts) / 1e9
-
-
-def _params():
-    names = cases(Data(8))
-    return [pytest.param(op, variant, id=f"{op}-{variant}") for op in names for variant in names[op]]
-
-
-@pytest.mark.parametrize("op,variant", _params())
-def test_kernel(benchmark, data, copy_gbps, op, variant):
-    if variant.startswith("cpp") and not kernels.CPP_AVAILABLE:
-        pytest.skip("C++ kernels not built")
-    benchmark.group = op
-    fn = cases(data)[op][variant]
-    slow = variant == "reference" and op in ("inner_adamw_forward", "inner_adamw_adjoint", "forward+adjoint")
-    benchmark.pedantic(fn, rounds=3 if slow else 10, warmup_rounds=1)
-    gbps = BYTES[op] * data.n / benchmark.stats.stats.median / 1e9
-    benchmark.extra_info.update({"GB/s": round(gbps, 2), "fraction of copy bandwidth": round(gbps / copy_gbps, 3),
-                                 "copy GB/s": round(copy_gbps, 2), "elements": data.n})
 
 
 # ---- script mode ---------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 SEEDS = (100, 13, 21, 42, 87)
 K = 16
 POOL_CAP = 200       # training examples per task (MetaICL's pools are larger; the repo stays small)
@@ -766,21 +768,24 @@ def write_jsonl(path: Path, task: str, rows: list) -> None:
                                 "options": r["options"]}, ensure_ascii=False) + "\n")
 
 
-def build(out: Path, wordnet: Path, zoneinfo: Path) -> dict:
-    wn = load_wordnet(wordnet)
-    tasks = {**wordnet_tasks(wn), **unicode_tasks(), **geography_tasks(zoneinfo)}
+def build(out: Path, wordnet: Path, zoneinfo: Path, progress: bool = True) -> dict:
+    sources = {"WordNet": lambda: wordnet_tasks(load_wordnet(wordnet)), "Unicode": unicode_tasks,
+               "tzdata": lambda: geography_tasks(zoneinfo)}
+    tasks = {}
+    for source in tqdm(sources, desc="sources", unit="source", disable=not progress):
+        tasks.update(sources[source]())
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".suite-", dir=out.parent))
     try:
         meta = {}
-        for name in sorted(tasks):
+        for name in tqdm(sorted(tasks), desc="tasks", unit="task", disable=not progress):
             kind, domain, src, examples = tasks[name]
             for e in examples:  # the invariant data.py checks, caught here at the source
                 assert not e["options"] or e["output"] in e["options"], (name, e)
             pool, test = split_task(name, kind, examples)
             if len(pool) < 2 * K or (kind != "generation" and len(test) < 20):
-                print(f"skip {name}: {len(pool)} pool / {len(test)} test examples", file=sys.stderr)
+                tqdm.write(f"skip {name}: {len(pool)} pool / {len(test)} test examples", file=sys.stderr)
                 continue
             d = tmp / name
             d.mkdir()
@@ -822,8 +827,9 @@ def main(argv=None):
     p.add_argument("--wordnet", type=Path, default=Path("/usr/share/wordnet"))
     p.add_argument("--zoneinfo", type=Path, default=Path("/usr/share/zoneinfo"))
     p.add_argument("--out", type=Path, default=OUT_DEFAULT)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    meta = build(args.out, args.wordnet, args.zoneinfo)
+    meta = build(args.out, args.wordnet, args.zoneinfo, progress=not args.no_progress)
     kinds = defaultdict(int)
     for m in meta.values():
         kinds[m["type"]] += 1

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
+from mamlen.train import config_help
+
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
@@ -160,6 +162,8 @@ class DataConfig(_Section):
     """Demonstrations per training instance."""
     max_len: int = 1024
     """Tokens per training sequence (demonstrations are left-truncated to fit)."""
+    max_example_len: int = 256
+    """Tokens per demonstration or query example, input cut first (MetaICL's max_length_per_example)."""
     method: Literal["direct", "channel"] = "direct"
     """Instance format: direct scores P(output | input), channel P(input | output)."""
 
@@ -167,6 +171,7 @@ class DataConfig(_Section):
         self._require(0.0 < self.fraction <= 1.0, "fraction", "must be in (0, 1]")
         self._require(self.k >= 0, "k", "must be >= 0")
         self._require(self.max_len >= 16, "max_len", "must be >= 16")
+        self._require(self.max_example_len >= 2, "max_example_len", "must be >= 2 (room for the input-output separator)")
 
 
 @dataclass(kw_only=True)
@@ -520,8 +525,9 @@ def _dotted(key: str, value: Any) -> dict:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train/meta.py", description="Meta-train a causal LM with MAML-en-LLM (or the MetaICL baseline).",
-        epilog="Sections and fields: see mamlen/train/config.py. Example: "
-               "--preset demo --set engine.hvp=fd --set train.tasks_per_step=2")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=config_help.reference(Config, SECTIONS) + "\n\nThe fields are defined, with longer help, in "
+               "train/config.py. Example:\n  train/meta.py --preset demo --set engine.hvp=fd --set train.tasks_per_step=2")
     p.add_argument("--preset", choices=presets(), help="named preset from train/presets/")
     p.add_argument("--config", metavar="FILE", help="YAML config file (applied after the preset)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -492,12 +492,15 @@ def main(argv=None) -> dict:
             tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         check_tasks(args.data_dir, tasks, k=args.k, seeds=args.seeds)
         models.check_name(args.model)
-    except (data.DataError, models.ModelNameError) as e:
+    except (data.DataError, models.UnknownModelError) as e:
         raise SystemExit(f"error: {e}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    model, tok = models.load_model(args.model, dtype=getattr(torch, args.dtype))
+    try:
+        model, tok = models.load_model(args.model, dtype=getattr(torch, args.dtype))
+    except models.UnknownModelError as e:
+        raise SystemExit(f"error: --model: {e}") from None
     t_load = time.time() - t0
     res = evaluate(model, tok, args.data_dir, tasks, k=args.k, seeds=args.seeds, method=args.method,
                    batch_size=args.batch_size, max_len=args.max_len, max_example_len=args.max_example_len,

@@ -18,6 +18,9 @@ import sys
 if __name__ == "__main__":  # run as a script: train/ must not shadow libraries (its evaluate.py vs HF `evaluate`)
     _here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+    if {"-h", "--help"} & set(sys.argv[1:]):  # answer at once: importing torch below takes seconds to minutes
+        from mamlen.train.config import parser
+        parser().parse_args()
     if "TORCHELASTIC_RUN_ID" in os.environ:
         # a torchrun worker: ask to die with the launcher now, not after the slow imports below
         from mamlen.train import parent_watch
@@ -74,7 +77,10 @@ def build(cfg: config.Config, rank: int, world: int, device: torch.device):
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.train.seed)  # identical random init on every rank for models built from a config
-    model, tok = models.load_model(cfg.model.name, dtype=getattr(torch, cfg.model.dtype))
+    try:
+        model, tok = models.load_model(cfg.model.name, dtype=getattr(torch, cfg.model.dtype))
+    except models.UnknownModelError as err:
+        raise config.ConfigError(f"model.name: {err}") from None
     model.to(device).train(cfg.model.dropout)
     mcfg = MetaConfig(**{**vars(e), "autocast_dtype": e.autocast_dtype and getattr(torch, e.autocast_dtype)})
     if world > 1:  # every rank must start from rank 0's weights (before the engine copies them to master weights)
@@ -84,7 +90,8 @@ def build(cfg: config.Config, rank: int, world: int, device: torch.device):
     engine = MetaEngine(model, mcfg)
     sampler = data.EpisodeSampler(
         train_tasks, tok, tasks_per_step=cfg.train.tasks_per_step, k=cfg.data.k, inner_steps=e.inner_steps,
-        batch_size=cfg.train.batch_size, method=cfg.data.method, max_len=cfg.data.max_len, seed=cfg.train.seed)
+        batch_size=cfg.train.batch_size, method=cfg.data.method, max_len=cfg.data.max_len,
+        max_example_len=cfg.data.max_example_len, seed=cfg.train.seed)
     # dropout masks differ per rank; rank 0 matches a single-process run
     torch.manual_seed(cfg.train.seed + 1_000_003 * rank)
     return model, tok, engine, mcfg, sampler, eval_tasks
@@ -95,7 +102,8 @@ def run_eval(cfg, model, tok, tasks, log, step, tag):
     rng = checkpoint.rng_state()
     result = evaluate.evaluate(model, tok, cfg.data.data_dir or data.DEFAULT_DATA_DIR, tasks, k=cfg.eval.k,
                                seeds=tuple(cfg.eval.seeds), method=cfg.data.method, batch_size=cfg.eval.batch_size,
-                               max_len=cfg.eval.max_len or cfg.data.max_len, max_queries=cfg.eval.max_queries,
+                               max_len=cfg.eval.max_len or cfg.data.max_len,
+                               max_example_len=cfg.data.max_example_len, max_queries=cfg.eval.max_queries,
                                progress=cfg.log.progress)
     model.train(cfg.model.dropout)
     checkpoint.set_rng_state(rng)
@@ -257,7 +265,7 @@ def main(argv=None) -> int:
     rank, world, device = setup_distributed()
     try:
         return train(cfg, rank, world, device)
-    except (config.ConfigError, data.DataError, CheckpointError, RunLockError, models.ModelNameError) as e:
+    except (config.ConfigError, data.DataError, CheckpointError, RunLockError, models.UnknownModelError) as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         with contextlib.suppress(Exception):

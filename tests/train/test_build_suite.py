@@ -91,3 +91,12 @@ def test_failed_build_leaves_the_old_suite(tmp_path, fake_sources, monkeypatch):
         build_suite.build(out, tmp_path, tmp_path)
     assert before == {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["suite"]  # no temporary folder left behind
+
+
+def test_build_shows_progress(tmp_path, fake_sources, capsys):
+    build_suite.build(tmp_path / "suite", tmp_path, tmp_path, progress=True)
+    err = capsys.readouterr().err
+    assert "sources: 100%" in err and "3/3" in err
+    assert "tasks: 100%" in err and "16/16" in err
+    build_suite.build(tmp_path / "suite", tmp_path, tmp_path, progress=False)
+    assert "100%" not in capsys.readouterr().err
