@@ -73,7 +73,10 @@ def build(cfg: config.Config, rank: int, world: int, device: torch.device):
         raise config.ConfigError(f"eval.tasks: {missing or 'none'} not found in {data_dir}")
     if cfg.eval.enabled:  # every evaluation file is read (and checked) now, not at the first evaluation
         evaluate.check_tasks(data_dir, eval_tasks, k=cfg.eval.k, seeds=cfg.eval.seeds)
-    models.check_name(cfg.model.name)
+    try:
+        models.check_name(cfg.model.name)
+    except models.UnknownModelError as err:
+        raise config.ConfigError(f"model.name: {err}") from None
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.train.seed)  # identical random init on every rank for models built from a config

@@ -56,6 +56,10 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def _unknown(what: str) -> UnknownModelError:
+    return UnknownModelError(f"{what}; use {ACCEPTED}")
+
+
 def check_name(name: str, timeout: float = 10.0) -> None:
     """Raise UnknownModelError unless `name` is a built-in name, a local model directory, a hub id cached
     locally, or (online) a hub id the Hub knows. Costs one Hub request at most, without retries."""
@@ -65,15 +69,15 @@ def check_name(name: str, timeout: float = 10.0) -> None:
         try:
             smollm2_gguf_path()
         except FileNotFoundError as e:
-            raise UnknownModelError(f"model 'smollm2': {e}") from None
+            raise _unknown(f"model 'smollm2': {e}") from None
         return
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise UnknownModelError(f"model {name!r}: {path} has no config.json (not a Hugging Face model directory)")
+            raise _unknown(f"model {name!r}: {path} has no config.json (not a Hugging Face model directory)")
         return
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise UnknownModelError(f"model {name!r}: no such directory")
+        raise _unknown(f"model {name!r}: no such directory")
     import huggingface_hub
     from huggingface_hub import constants, errors
     from huggingface_hub.utils import validate_repo_id
@@ -81,21 +85,21 @@ def check_name(name: str, timeout: float = 10.0) -> None:
     try:
         validate_repo_id(name)
     except errors.HFValidationError as e:
-        raise UnknownModelError(f"model {name!r}: neither a built-in name ({', '.join(('smollm2',) + TINY)}), "
+        raise _unknown(f"model {name!r}: neither a built-in name ({', '.join(('smollm2',) + TINY)}), "
                              f"a local directory, nor a valid Hub id ({e})") from None
     if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
         return  # in the local Hugging Face cache
     if constants.HF_HUB_OFFLINE:
-        raise UnknownModelError(f"model {name!r}: not a local directory nor in the Hugging Face cache "
+        raise _unknown(f"model {name!r}: not a local directory nor in the Hugging Face cache "
                              f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set")
     try:
         huggingface_hub.model_info(name, timeout=timeout)
     except errors.RepositoryNotFoundError:
-        raise UnknownModelError(f"model {name!r}: no such model on the Hugging Face Hub (nor a local directory)") from None
+        raise _unknown(f"model {name!r}: no such model on the Hugging Face Hub (nor a local directory)") from None
     except errors.GatedRepoError:
         return  # it exists; loading says what access it needs
     except Exception as e:  # noqa: BLE001 -- no network, DNS, proxy, timeout: say so now instead of retrying
-        raise UnknownModelError(f"model {name!r}: not a local directory nor in the Hugging Face cache, and the Hub "
+        raise _unknown(f"model {name!r}: not a local directory nor in the Hugging Face cache, and the Hub "
                              f"cannot be reached ({type(e).__name__}: {e})") from None
 
 

@@ -554,4 +554,4 @@ def test_evaluate_cli_offline_unknown_model_is_one_line(toy, tmp_path):
     assert p.returncode == 1, p.stdout + p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: model 'no-such-org/no-such-model': not a local directory")
-    assert lines[0].endswith("and HF_HUB_OFFLINE is set"), lines
+    assert "and HF_HUB_OFFLINE is set" in lines[0] and lines[0].endswith(models.ACCEPTED), lines
