@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mamlen.core import MetaConfig, MetaEngine
-from mamlen.train import checkpoint, config, data, evaluate, models
+from mamlen.core import FSDPMetaEngine, MetaConfig, MetaEngine
+from mamlen.train import checkpoint, config, data, evaluate, models, sharded_checkpoint
 from mamlen.train.logger import Logger, peak_mem_gb
 
 
-def setup_distributed():
-    """(rank, world, device) from the torchrun environment; one process without it."""
+def setup_distributed(fsdp: bool = False):
+    """(rank, world, device) from the torchrun environment; one process without it (engine.fsdp: a
+    one-rank process group, which fully_shard needs)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
@@ -37,11 +38,16 @@ def setup_distributed():
             torch.cuda.set_device(device)
         # a long timeout: the other ranks wait at the next all-reduce while rank 0 evaluates or saves
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+    elif fsdp:
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     return rank, world, device
 
 
 def build(cfg: config.Config, rank: int, world: int, device: torch.device):
-    if cfg.train.tasks_per_step < world:
+    if cfg.engine.fsdp and cfg.train.batch_size % world:
+        raise config.ConfigError(f"train.batch_size: engine.fsdp splits every batch over the ranks; "
+                                 f"{cfg.train.batch_size} rows cannot be split over {world} ranks")
+    if cfg.train.tasks_per_step < world and not cfg.engine.fsdp:
         raise config.ConfigError(f"train.tasks_per_step: {cfg.train.tasks_per_step} tasks cannot be split over "
                                  f"{world} ranks (need at least one task per rank)")
     # data first: a bad setting or task name fails before a large model is loaded
@@ -62,7 +68,7 @@ def build(cfg: config.Config, rank: int, world: int, device: torch.device):
         with torch.no_grad():
             for p in model.parameters():
                 dist.broadcast(p.data, 0)
-    engine = MetaEngine(model, mcfg)
+    engine = (FSDPMetaEngine if mcfg.fsdp else MetaEngine)(model, mcfg)  # FSDP: shards the model in place
     sampler = data.EpisodeSampler(
         train_tasks, tok, tasks_per_step=cfg.train.tasks_per_step, k=cfg.data.k, inner_steps=e.inner_steps,
         batch_size=cfg.train.batch_size, method=cfg.data.method, max_len=cfg.data.max_len, seed=cfg.train.seed)
@@ -94,14 +100,19 @@ def side_by_side(before: dict, after: dict) -> str:
 
 
 def train(cfg: config.Config, rank: int = 0, world: int = 1, device=torch.device("cpu")) -> int:
-    ck = checkpoint.latest(cfg.output_dir, warn=print if rank == 0 else lambda m: None)
+    warn = print if rank == 0 else lambda m: None
+    sharded_checkpoint.check_kind(cfg.output_dir, sharded=cfg.engine.fsdp)
+    ck = (sharded_checkpoint if cfg.engine.fsdp else checkpoint).latest(cfg.output_dir, warn=warn)
     if ck is None and cfg.checkpoint.resume == "require":
         raise SystemExit(f"--resume: no usable checkpoint in {cfg.output_dir}")
     model, tok, engine, mcfg, sampler, eval_tasks = build(cfg, rank, world, device)
     start, skips = 0, 0
     if ck is not None:
-        ck.load_model_(model)
-        engine.load_optimizer_state(ck.optimizer_state())
+        if cfg.engine.fsdp:  # each rank reads the parts of the saved shards it holds now
+            sharded_checkpoint.load_(ck, model, engine)
+        else:
+            ck.load_model_(model)
+            engine.load_optimizer_state(ck.optimizer_state())
         sampler.load_state_dict(ck.state["sampler"])
         start, skips = ck.step, ck.state["consecutive_skips"]
         rngs = ck.state["rng"]
@@ -128,10 +139,15 @@ def train(cfg: config.Config, rank: int = 0, world: int = 1, device=torch.device
             dist.all_gather_object(rngs, checkpoint.rng_state())
         else:
             rngs = [checkpoint.rng_state()]
+        state = {"step": step, "consecutive_skips": skips, "sampler": {**sampler.state_dict(), "step": step},
+                 "rng": rngs, "world_size": world}
+        if cfg.engine.fsdp:  # every rank writes its own shards
+            path = sharded_checkpoint.save(cfg.output_dir, step, model=model, engine=engine, state=state,
+                                           config_yaml=config.to_yaml(cfg), keep=cfg.checkpoint.keep)
+            log.write(f"saved {path}")
+            return
         opt = engine.optimizer_state()  # every rank: with engine.shard_state it gathers the shards
         if rank == 0:
-            state = {"step": step, "consecutive_skips": skips, "sampler": {**sampler.state_dict(), "step": step},
-                     "rng": rngs, "world_size": world}
             path = checkpoint.save(cfg.output_dir, step, model=model, optimizer_state=opt,
                                    state=state, config_yaml=config.to_yaml(cfg), keep=cfg.checkpoint.keep)
             log.write(f"saved {path}")
@@ -140,7 +156,8 @@ def train(cfg: config.Config, rank: int = 0, world: int = 1, device=torch.device
     poison = {"on": False}
     model.get_output_embeddings().register_forward_hook(
         lambda mod, inp, out: out * float("nan") if poison["on"] else None)
-    mine = list(range(rank, cfg.train.tasks_per_step, world))
+    # engine.fsdp: every rank takes every task (the engine splits each batch's rows over the ranks)
+    mine = list(range(cfg.train.tasks_per_step)) if cfg.engine.fsdp else list(range(rank, cfg.train.tasks_per_step, world))
     peak_lr, peak_inner = cfg.engine.outer_lr, cfg.engine.inner_lr
     status, step, last_eval = 0, start, (None, None)
     for step in range(start + 1, cfg.train.max_steps + 1):
@@ -192,10 +209,10 @@ def main(argv=None) -> int:
     if args.print_config:
         print(config.to_yaml(cfg), end="")
         return 0
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(cfg.engine.fsdp)
     try:
         return train(cfg, rank, world, device)
-    except (config.ConfigError, data.DataError) as e:
+    except (config.ConfigError, data.DataError, checkpoint.CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         with contextlib.suppress(Exception):
