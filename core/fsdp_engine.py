@@ -69,6 +69,7 @@ def shard_model(model: torch.nn.Module, mesh=None) -> torch.nn.Module:
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # bf16 would otherwise ask gloo for PREMUL_SUM, which it lacks
     return model
 
 
@@ -468,16 +469,16 @@ class FSDPMetaEngine:
         for j in range(len(supports), 0, -1):
             e = tape.pop()
             if adamw:
-                if m_bar is None:  # m̄ = v̄ = 0 at j = K
-                    m_bar = [torch.zeros_like(x) for x in p_bar]
-                    v_bar = [torch.zeros_like(x) for x in p_bar]
+                if m_bar is None:  # m̄ = v̄ = 0 at j = K: one read-only zero buffer serves as both
+                    m_bar = v_bar = [torch.zeros_like(x) for x in p_bar]
                 g_bar = [gi if gi.dtype == pb.dtype else torch.empty_like(pb) for gi, pb in zip(e.g, p_bar)]
                 for k in range(len(p_bar)):
                     kernels.inner_adamw_adjoint(p_bar[k], m_bar[k], v_bar[k], e.g[k], e.m[k], e.v[k],
                                                 lr=cfg.inner_lr, beta1=b1, beta2=b2, eps=cfg.eps,
                                                 weight_decay=cfg.inner_weight_decay, step=t0 + j,
                                                 out=(g_bar[k], p_bar[k], e.m[k], e.v[k]))
-                m_bar, v_bar = e.m, e.v  # now β1·m̄, β2·v̄ for step j-1
+                # m_j, v_j now hold β1·m̄, β2·v̄ for step j-1 (dead after j = 1: freed before the HVP)
+                m_bar, v_bar = (e.m, e.v) if j > 1 else (None, None)
             else:
                 g_bar, p_bar = [list(x) for x in zip(*[kernels.inner_sgd_adjoint(
                     pb, lr=cfg.inner_lr, weight_decay=cfg.inner_weight_decay) for pb in p_bar])]
