@@ -47,6 +47,10 @@ def build(cfg: config.Config, rank: int, world: int, device: torch.device):
     if cfg.engine.fsdp and cfg.train.batch_size % world:
         raise config.ConfigError(f"train.batch_size: engine.fsdp splits every batch over the ranks; "
                                  f"{cfg.train.batch_size} rows cannot be split over {world} ranks")
+    if cfg.engine.fsdp and world > 1 and cfg.eval.enabled:
+        raise config.ConfigError("eval: evaluation runs on rank 0 alone, but with engine.fsdp every forward needs "
+                                 "all ranks; set eval.before/after=false and eval.every=0 under torchrun (evaluate "
+                                 "the checkpoint afterwards)")
     if cfg.train.tasks_per_step < world and not cfg.engine.fsdp:
         raise config.ConfigError(f"train.tasks_per_step: {cfg.train.tasks_per_step} tasks cannot be split over "
                                  f"{world} ranks (need at least one task per rank)")

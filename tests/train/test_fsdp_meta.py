@@ -106,3 +106,15 @@ def test_fsdp_torchrun_equals_one_process_and_resumes_on_another_world_size(tmp_
         sharded_checkpoint.latest(one)
     with pytest.raises(SystemExit, match="engine.fsdp"):
         meta.main([*ARGS, "--max-steps", "3", "--output-dir", str(down)])
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--set", "engine.fsdp=true"], "engine.hvp: engine.fsdp=true needs 'fd' or 'first_order'"),  # tiny: exact
+    (["--set", "engine.fsdp=true", "--set", "engine.hvp=fd", "--set", "engine.shard_state=true"],
+     "engine.shard_state: engine.fsdp=true shards the state already"),
+])
+def test_fsdp_config_errors_name_the_field(argv, expected):
+    from mamlen.train.config import ConfigError, load
+    with pytest.raises(ConfigError) as e:
+        load(["--preset", "tiny", *argv])
+    assert expected in str(e.value)
