@@ -11,8 +11,8 @@ batch), with W ranks and every buffer below of P/W elements:
                              (φ_j, m_j, v_j) = inner step on the shards                               [kernels]
               p̄ = shard of ∇L_Q(φ_K)
     reverse   for j = K..1:  (ḡ, c·p̄, m̄, v̄) = adjoint of step j                                      [kernels]
-                             fd: p̄ += (∇L(φ_{j-1} + rḡ) - ∇L(φ_{j-1} - rḡ)) / 2r, r = fd_eps/‖ḡ‖  [2 backwards;
-                             ‖ḡ‖ all-reduced]
+                             fd: p̄ += (∇L(φ_{j-1} + rḡ) - ∇L(φ_{j-1} - rḡ)) / 2r,   [2 backwards]
+                                 r = fd_eps/‖ḡ‖ (‖ḡ‖ all-reduced over the ranks' shards)
     G = mean over tasks of the G_i shards; outer AdamW/SGD on the shards; θ written back into the parameters.
 
 Loss normalisation. A batch's loss is the mean over all its target tokens (N of them). Rank r holds rows

@@ -161,7 +161,8 @@ def train(cfg: config.Config, rank: int = 0, world: int = 1, device=torch.device
     model.get_output_embeddings().register_forward_hook(
         lambda mod, inp, out: out * float("nan") if poison["on"] else None)
     # engine.fsdp: every rank takes every task (the engine splits each batch's rows over the ranks)
-    mine = list(range(cfg.train.tasks_per_step)) if cfg.engine.fsdp else list(range(rank, cfg.train.tasks_per_step, world))
+    n_tasks = cfg.train.tasks_per_step
+    mine = list(range(n_tasks)) if cfg.engine.fsdp else list(range(rank, n_tasks, world))
     peak_lr, peak_inner = cfg.engine.outer_lr, cfg.engine.inner_lr
     status, step, last_eval = 0, start, (None, None)
     for step in range(start + 1, cfg.train.max_steps + 1):

@@ -116,7 +116,8 @@ def verify(ckpt: Path) -> None:
         if not path.is_file():
             raise CheckpointError(f"{path}: missing")
         if path.stat().st_size != meta["bytes"]:
-            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, the manifest says {meta['bytes']} (truncated?)")
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, the manifest says {meta['bytes']} "
+                                  "(truncated?)")
         if _sha256(path) != meta["sha256"]:
             raise CheckpointError(f"{path}: sha256 differs from the manifest (corrupted)")
 
