@@ -2,7 +2,8 @@
 
     python bench/memory_model.py                       # bytes/parameter per option; what fits on 24/80/141 GB
     python bench/memory_model.py --measure             # run the engine here (1 and 2 ranks), prediction vs RSS
-    python bench/memory_model.py --measure-fsdp        # engine.fsdp on 1, 2, 4 ranks (fd), prediction vs RSS
+    MALLOC_MMAP_THRESHOLD_=1048576 python bench/memory_model.py --measure-fsdp   # engine.fsdp on 1, 2, 4 ranks (fd)
+                                                       # (fixed threshold: else glibc keeps freed FSDP buffers)
 
 Bytes per parameter, N parameters, W ranks with shard_state (W = 1 without), fp32 state dtype:
 
