@@ -2,6 +2,8 @@
 
     python bench/memory_model.py                       # bytes/parameter per option; what fits on 24/80/141 GB
     python bench/memory_model.py --measure             # run the engine here (1 and 2 ranks), prediction vs RSS
+    MALLOC_MMAP_THRESHOLD_=1048576 python bench/memory_model.py --measure-fsdp   # engine.fsdp on 1, 2, 4 ranks (fd)
+                                                       # (fixed threshold: else glibc keeps freed FSDP buffers)
 
 Bytes per parameter, N parameters, W ranks with shard_state (W = 1 without), fp32 state dtype:
 
@@ -17,6 +19,15 @@ Bytes per parameter, N parameters, W ranks with shard_state (W = 1 without), fp3
                                    this commit) — plus activations, which depend on B·T and not on N
     outer step                   touches 1/W of the state; sharded G is reduce-scattered (a padded copy of G,
                                  4 bytes, is made after the tasks' peak), parameters all-gathered
+
+FSDP (engine.fsdp, core/fsdp_engine.py; fd or first_order) shards everything parameter-sized instead:
+
+    at rest                      (p + p + m + master) / W: the parameters' shards (FSDP's storage), θ (the engine's
+                                 copy of them, kept while φ is written into the parameters), moments, master copy
+    extra during a meta-step     + c_fsdp / W: the fd task working set (K = 1: ḡ over g_1, p̄, one perturbed point,
+                                   g₊, g₋, the sharded .grad being copied — 6 buffers, 24 B/param in float32)
+                                 + what does not shrink with W: FSDP's all-gathered parameters and gradients of the
+                                   root (embeddings, final norm) and of about two blocks, and the activations
 
 Sharding therefore lowers what is held *between* steps (moments, master copy: ZeRO-1) and the outer step's work;
 with shared moments it cannot lower the peak of the meta-gradient itself, because every task reads the full m, v.
@@ -49,6 +60,7 @@ OPTIONS = {  # name: (param bytes, moments bits, master, shard)
     "bf16 + master + 8-bit": (2, 8, True, False),
     "bf16 + master + 8-bit + shard": (2, 8, True, True),
 }
+FSDP_OPTIONS = {"fp32 + fsdp": (4, 32, False, True), "bf16 + master + 8-bit + fsdp": (2, 8, True, True)}
 
 
 def bytes_per_param(param_bytes, bits, master, shard, world, c_task=C_TASK_DEFAULT, param_dtype_scale=None):
@@ -62,6 +74,18 @@ def bytes_per_param(param_bytes, bits, master, shard, world, c_task=C_TASK_DEFAU
     return {"rest": rest, "step_state": gathered, "peak": rest + gathered + task}
 
 
+C_FSDP = 24.0  # bytes/param of the fd K=1 task working set under FSDP (6 float32 shard-sized buffers), / W
+
+
+def fsdp_bytes_per_param(param_bytes, bits, master, world, c_fsdp=C_FSDP):
+    """engine.fsdp: {"rest": .., "peak": ..} bytes per parameter on one rank, everything divided by W (the
+    non-shrinking root/block/activation part excluded)."""
+    mom = 8.0 if bits == 32 else Q8
+    rest = (2 * param_bytes + mom + (4.0 if master else 0.0)) / world
+    task = c_fsdp * (1.0 if param_bytes == 4 else 5 / 6) / world
+    return {"rest": rest, "peak": rest + task}
+
+
 def table(c_task=C_TASK_DEFAULT, worlds=(1, 8)) -> str:
     lines = [f"Bytes per parameter per rank (activations excluded; task working set c_task = {c_task:.1f} B/param "
              "for K = 1, exact HVP):", "",
@@ -70,16 +94,24 @@ def table(c_task=C_TASK_DEFAULT, worlds=(1, 8)) -> str:
         for W in (worlds if shard else (1,)):
             b = bytes_per_param(pb, bits, master, shard, W, c_task)
             lines.append(f"| {name} | {W} | {b['rest']:.2f} | {b['peak']:.2f} |")
+    for name, (pb, bits, master, _) in FSDP_OPTIONS.items():
+        for W in worlds:
+            b = fsdp_bytes_per_param(pb, bits, master, W)
+            lines.append(f"| {name} (fd) | {W} | {b['rest']:.2f} | {b['peak']:.2f} |")
     lines += ["", "Step peak per rank in GB (parameter-sized state only; add activations) and whether it fits "
               f"{'/'.join(map(str, DEVICES))} GB devices (✓ fits, · does not):", "",
-              "| model | " + " | ".join(f"{o}{' W=8' if OPTIONS[o][3] else ''}" for o in OPTIONS) + " |",
-              "|---|" + "---:|" * len(OPTIONS)]
+              "| model | " + " | ".join(f"{o}{' W=8' if OPTIONS[o][3] else ''}" for o in OPTIONS) + " | "
+              + " | ".join(f"{o} W=8" for o in FSDP_OPTIONS) + " |",
+              "|---|" + "---:|" * (len(OPTIONS) + len(FSDP_OPTIONS))]
     for model, n in MODELS.items():
         cells = []
         for name, (pb, bits, master, shard) in OPTIONS.items():
             gb = bytes_per_param(pb, bits, master, shard, 8, c_task)["peak"] * n / GB
             fits = "".join("✓" if gb <= d else "·" for d in DEVICES)
             cells.append(f"{gb:.1f} {fits}")
+        for name, (pb, bits, master, _) in FSDP_OPTIONS.items():
+            gb = fsdp_bytes_per_param(pb, bits, master, 8)["peak"] * n / GB
+            cells.append(f"{gb:.1f} {''.join('✓' if gb <= d else '·' for d in DEVICES)}")
         lines.append(f"| {model} ({n / 1e9:.2f} B) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -142,6 +174,115 @@ def _worker(args):
         print("ROWS " + json.dumps(rows))
 
 
+def _fsdp_worker(args):
+    """One rank of --measure-fsdp: FSDPMetaEngine (or, with --unsharded, MetaEngine in one process), hvp=fd,
+    K = 1, one task of --rows rows (each rank takes rows/W of them)."""
+    import torch
+    import torch.distributed as dist
+    from transformers.utils import logging as hf_logging
+
+    from mamlen.core import FSDPMetaEngine, MetaConfig, MetaEngine, Task
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if not args.unsharded:
+        if world > 1:
+            dist.init_process_group("gloo")
+        else:
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    rank = int(os.environ.get("RANK", 0))
+    torch.manual_seed(0)
+    if args.arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+        cfg = LlamaConfig(hidden_size=args.width, intermediate_size=args.ffn or 4 * args.width,
+                          num_hidden_layers=args.layers, num_attention_heads=args.width // 64,
+                          num_key_value_heads=max(1, args.width // 256), vocab_size=args.vocab,
+                          max_position_embeddings=args.seq, tie_word_embeddings=True)
+        model = LlamaForCausalLM(cfg).eval()
+    else:
+        from transformers import GPT2Config, GPT2LMHeadModel
+        cfg = GPT2Config(n_layer=args.layers, n_embd=args.width, n_head=args.width // 64, vocab_size=args.vocab,
+                         n_positions=args.seq, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+        model = GPT2LMHeadModel(cfg).eval()
+    n = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(1)
+
+    def batch():
+        ids = torch.randint(0, args.vocab, (args.rows, args.seq), generator=gen)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    tasks = [Task(support=[batch()], query=batch())]  # every rank passes the whole task
+    before = _rss()[0]
+    mcfg = dict(hvp="fd", inner_lr=1e-4, outer_lr=1e-4, measure_adaptation=False)
+    engine = MetaEngine(model, MetaConfig(**mcfg)) if args.unsharded else \
+        FSDPMetaEngine(model, MetaConfig(**mcfg, fsdp=True))
+    engine.step(tasks)  # touches every state page
+    rest = _rss()[0]
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM: the next peak is the meta-step's alone
+    t0 = time.perf_counter()
+    m = engine.step(tasks)
+    dt = time.perf_counter() - t0
+    peak = _rss()[1]
+    row = {"rank": rank, "world": world, "fsdp": not args.unsharded, "params": n, "rss_before_engine": before,
+           "rest": rest, "peak": peak, "step_s": dt, "loss": m["loss"], "shard_params": engine.arena.numel}
+    if not args.unsharded and world > 1:
+        rows = [None] * world
+        dist.all_gather_object(rows, row)
+    else:
+        rows = [row]
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if rank == 0:
+        print("ROWS " + json.dumps(rows))
+
+
+def _shape_flags(args):
+    return ["--arch", args.arch, "--width", str(args.width), "--layers", str(args.layers), "--vocab", str(args.vocab),
+            "--seq", str(args.seq), "--rows", str(args.rows), "--ffn", str(args.ffn)]
+
+
+def _launch_fsdp(args, world, unsharded=False):
+    me = str(Path(__file__).resolve())
+    flags = ["--worker-fsdp", *_shape_flags(args)] + (["--unsharded"] if unsharded else [])
+    cmd = ([sys.executable, me] if world == 1 else
+           [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world), me])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run(cmd + flags, capture_output=True, text=True, env=env, cwd="/tmp")
+    line = next((x for x in p.stdout.splitlines() if x.startswith("ROWS ")), None)
+    if line is None:
+        raise SystemExit(f"{cmd + flags} failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+    return json.loads(line[5:])
+
+
+def measure_fsdp(args) -> str:
+    """Per-rank peak of an fd meta-step: MetaEngine in one process, then engine.fsdp on each of args.worlds."""
+    results = {} if args.no_reference else {"unsharded": _launch_fsdp(args, 1, unsharded=True)}
+    for W in args.worlds:
+        results[f"fsdp W={W}"] = _launch_fsdp(args, W)
+    n = next(iter(results.values()))[0]["params"]
+    out = [f"{args.arch} width {args.width}, {args.layers} layers, vocab {args.vocab}, ffn {args.ffn or 4 * args.width}, "
+           f"T = {args.seq}, one task of {args.rows} rows (split over the ranks): N = {n / 1e6:.1f} M parameters; "
+           "hvp = fd, K = 1, float32, 1 thread per rank.", "",
+           "| engine | W | rank | shard params | own bytes at peak, MB | B/param (of N) | model (p+θ+m+v+c_fsdp)/W, MB "
+           "| excess MB (does not shrink with W) | step s |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, rows in results.items():
+        for r in rows:
+            W = r["world"]
+            # "own": the peak minus the process without the model (the full model built before the engine is
+            # counted in rss_before_engine; FSDP frees it when it moves the shards into its own storage)
+            own = r["peak"] - (r["rss_before_engine"] - 4 * n)
+            pred = n * (fsdp_bytes_per_param(4, 32, False, W)["peak"] if r["fsdp"] else float("nan"))
+            out.append(f"| {'FSDPMetaEngine' if r['fsdp'] else 'MetaEngine'} | {W} | {r['rank']} | "
+                       f"{r['shard_params'] / 1e6:.1f} M | {own / 1e6:.0f} | {own / n:.1f} | "
+                       f"{pred / 1e6:.0f} | {(own - pred) / 1e6:.0f} | {r['step_s']:.1f} |")
+    out += ["", "own bytes = VmHWM over the second meta-step − (RSS before building the engine − 4·N): the process's "
+            "Python/torch/transformers baseline taken out, the weights counted once. Raw rows:", "", "```",
+            json.dumps(results), "```"]
+    return "\n".join(out)
+
+
 def _launch(args, world, bits, shard):
     me = str(Path(__file__).resolve())
     flags = ["--worker", "--bits", str(bits), "--width", str(args.width), "--layers", str(args.layers),
@@ -189,6 +330,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--measure", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker-fsdp", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--unsharded", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--measure-fsdp", action="store_true", help="engine.fsdp (fd) per-rank peaks at --worlds")
+    p.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--no-reference", action="store_true", help="--measure-fsdp: skip the one-process MetaEngine run")
+    p.add_argument("--arch", choices=("gpt2", "llama"), default="gpt2")
+    p.add_argument("--rows", type=int, default=4, help="--measure-fsdp: rows of the task's batches")
+    p.add_argument("--ffn", type=int, default=0, help="llama intermediate size (0: 4 x width)")
     p.add_argument("--bits", type=int, default=32)
     p.add_argument("--shard", action="store_true")
     p.add_argument("--width", type=int, default=512)
@@ -198,6 +347,11 @@ def main():
     args = p.parse_args()
     if args.worker:
         return _worker(args)
+    if args.worker_fsdp:
+        return _fsdp_worker(args)
+    if args.measure_fsdp:
+        print(measure_fsdp(args), "\n")
+        return
     c_task = C_TASK_DEFAULT
     if args.measure:
         text, c_task = measure(args)

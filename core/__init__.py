@@ -7,6 +7,7 @@
 from mamlen.core.arena import ParamArena
 from mamlen.core.config import HVP_MODES, MetaConfig
 from mamlen.core.engine import MetaEngine, Task
+from mamlen.core.fsdp_engine import FSDPMetaEngine
 from mamlen.core.loss import causal_lm_loss
 
 try:  # the second-order attention registers itself with transformers as "mamlen"
@@ -15,4 +16,4 @@ try:  # the second-order attention registers itself with transformers as "mamlen
 except ImportError:  # not built yet in this checkout
     pass
 
-__all__ = ["MetaConfig", "MetaEngine", "Task", "ParamArena", "causal_lm_loss", "HVP_MODES"]
+__all__ = ["MetaConfig", "MetaEngine", "FSDPMetaEngine", "Task", "ParamArena", "causal_lm_loss", "HVP_MODES"]

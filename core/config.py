@@ -12,6 +12,7 @@ MOMENTS = ("shared", "separate")
 HVP_MODES = ("exact", "mixed", "fd", "first_order")
 INNER_GRAPHS = ("recompute", "keep")
 MOMENTS_BITS = (32, 8)
+FSDP_HVP_MODES = ("fd", "first_order")  # the modes that only need first-order gradients
 
 
 @dataclass(kw_only=True)
@@ -71,6 +72,10 @@ class MetaConfig:
     master_weights: bool = False
     """bfloat16 parameters with a float32 master copy that the outer step updates and rounds back
     (core/master_weights.py). Needs a bfloat16 model; combine with autocast_dtype=torch.bfloat16."""
+    fsdp: bool = False
+    """FSDP2 parameter sharding (core/fsdp_engine.py, FSDPMetaEngine): every parameter-sized buffer of the
+    meta-step is this rank's shard; tasks run one after another, each batch split across ranks. Needs
+    hvp="fd" or "first_order" (gradients only come from backward() through fully_shard)."""
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -109,12 +114,19 @@ class MetaConfig:
             raise ValueError(f"MetaConfig.fd_eps: must be > 0, got {self.fd_eps!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"MetaConfig.max_grad_norm: must be > 0 or None, got {self.max_grad_norm!r}")
-        for name in ("shard_state", "master_weights", "measure_adaptation"):
+        for name in ("shard_state", "master_weights", "measure_adaptation", "fsdp"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MetaConfig.{name}: must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.moments_bits, bool) or self.moments_bits not in MOMENTS_BITS:
             raise ValueError(f"MetaConfig.moments_bits: {self.moments_bits!r} is not one of "
                              f"{', '.join(map(repr, MOMENTS_BITS))}")
+        if self.fsdp and self.hvp not in FSDP_HVP_MODES:
+            raise ValueError(f"MetaConfig.hvp: {self.hvp!r} needs second-order autograd through the parameters, which "
+                             "FSDP2-sharded parameters do not support; with fsdp=True use hvp='fd' (finite "
+                             "difference, the same meta-gradient to O(fd_eps²)) or 'first_order'")
+        if self.fsdp and self.shard_state:
+            raise ValueError("MetaConfig.shard_state: ZeRO-1 state sharding is part of fsdp=True already "
+                             "(the moments are per-parameter shards); set shard_state=False")
         if self.autocast_dtype not in (None, torch.bfloat16):
             # float16 needs loss scaling (gradients and HVPs underflow its 6e-8 floor), which the engine lacks
             raise ValueError(f"MetaConfig.autocast_dtype: must be None or torch.bfloat16 (float16 would need loss "

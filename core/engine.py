@@ -76,6 +76,8 @@ class MetaEngine:
         self.model = model
         self.config = config or MetaConfig()
         self.config.validate()
+        if self.config.fsdp:
+            raise ValueError("MetaConfig.fsdp=True: build mamlen.core.FSDPMetaEngine (MetaEngine keeps full parameters)")
         self.group = process_group
         self.attn_implementation = attention.configure(model, self.config.hvp, self.config.attn_implementation)
         if self.config.hvp == "mixed":

@@ -223,6 +223,10 @@ class EngineConfig(_Section):
     """8: shared moments as bitsandbytes blockwise 8-bit codes (~1 byte per value instead of 4; needs bitsandbytes)."""
     master_weights: bool = False
     """float32 master copy of bfloat16 weights (needs model.dtype=bfloat16; set autocast_dtype=bfloat16 too)."""
+    fsdp: bool = False
+    """Shard the parameters and every parameter-sized buffer of the meta-step over the ranks with FSDP2
+    (core/fsdp_engine.py); each task's batch is split over the ranks. Needs hvp fd or first_order and
+    train.batch_size a multiple of the world size; checkpoints become sharded (train/sharded_checkpoint.py)."""
 
     def _check(self):
         for name in ("inner_lr", "outer_lr", "eps", "fd_eps"):
@@ -242,6 +246,10 @@ class EngineConfig(_Section):
         self._require(self.moments_bits != 8 or importlib.util.find_spec("bitsandbytes") is not None,
                       "moments_bits", "8-bit moments need bitsandbytes, which is not installed (pip install "
                       "bitsandbytes)")
+        if self.fsdp:
+            self._require(self.hvp in ("fd", "first_order"), "hvp", "engine.fsdp=true needs 'fd' or 'first_order' "
+                          "(no second-order autograd through sharded parameters)")
+            self._require(not self.shard_state, "shard_state", "engine.fsdp=true shards the state already")
 
 
 @dataclass(kw_only=True)

@@ -34,15 +34,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from mamlen.core import MetaConfig, MetaEngine
-from mamlen.train import checkpoint, config, data, evaluate, models, parent_watch, ranks, resume
+from mamlen.core import FSDPMetaEngine, MetaConfig, MetaEngine
+from mamlen.train import checkpoint, config, data, evaluate, models, parent_watch, ranks, resume, sharded_checkpoint
 from mamlen.train.checkpoint import CheckpointError
 from mamlen.train.logger import Logger, peak_mem_gb
 from mamlen.train.run_lock import RunLock, RunLockError
 
 
-def setup_distributed():
-    """(rank, world, device) from the torchrun environment; one process without it."""
+def setup_distributed(fsdp: bool = False):
+    """(rank, world, device) from the torchrun environment; one process without it (engine.fsdp: a
+    one-rank process group, which fully_shard needs)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
@@ -54,11 +55,20 @@ def setup_distributed():
             torch.cuda.set_device(device)
         # a long timeout: the other ranks wait at the next all-reduce while rank 0 evaluates or saves
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+    elif fsdp:
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     return rank, world, device
 
 
 def build(cfg: config.Config, rank: int, world: int, device: torch.device):
-    if cfg.train.tasks_per_step < world:
+    if cfg.engine.fsdp and cfg.train.batch_size % world:
+        raise config.ConfigError(f"train.batch_size: engine.fsdp splits every batch over the ranks; "
+                                 f"{cfg.train.batch_size} rows cannot be split over {world} ranks")
+    if cfg.engine.fsdp and world > 1 and cfg.eval.enabled:
+        raise config.ConfigError("eval: evaluation runs on rank 0 alone, but with engine.fsdp every forward needs "
+                                 "all ranks; set eval.before/after=false and eval.every=0 under torchrun (evaluate "
+                                 "the checkpoint afterwards)")
+    if cfg.train.tasks_per_step < world and not cfg.engine.fsdp:
         raise config.ConfigError(f"train.tasks_per_step: {cfg.train.tasks_per_step} tasks cannot be split over "
                                  f"{world} ranks (need at least one task per rank)")
     # data first: a bad setting, task name or file fails before a large model is loaded
@@ -90,7 +100,7 @@ def build(cfg: config.Config, rank: int, world: int, device: torch.device):
         with torch.no_grad():
             for p in model.parameters():
                 dist.broadcast(p.data, 0)
-    engine = MetaEngine(model, mcfg)
+    engine = (FSDPMetaEngine if mcfg.fsdp else MetaEngine)(model, mcfg)  # FSDP: shards the model in place
     sampler = data.EpisodeSampler(
         train_tasks, tok, tasks_per_step=cfg.train.tasks_per_step, k=cfg.data.k, inner_steps=e.inner_steps,
         batch_size=cfg.train.batch_size, method=cfg.data.method, max_len=cfg.data.max_len,
@@ -128,8 +138,12 @@ def restore(ck: checkpoint.Checkpoint, cfg: config.Config, model, engine, sample
     """Load `ck` into the model, the engine's moments, the sampler and this rank's RNG. Any failure raises
     CheckpointError naming the file, and resume.load falls back to the previous checkpoint (which overwrites
     all of these again)."""
-    for name, load in ((checkpoint.MODEL, lambda: ck.load_model_(model)),
-                       (checkpoint.OPTIMIZER, lambda: engine.load_optimizer_state(ck.optimizer_state()))):
+    if cfg.engine.fsdp:  # each rank reads the parts of the saved shards it holds now (any world size)
+        loads = ((sharded_checkpoint.SHARDS, lambda: sharded_checkpoint.load_(ck, model, engine)),)
+    else:
+        loads = ((checkpoint.MODEL, lambda: ck.load_model_(model)),
+                 (checkpoint.OPTIMIZER, lambda: engine.load_optimizer_state(ck.optimizer_state())))
+    for name, load in loads:
         try:
             load()
         except CheckpointError:
@@ -175,12 +189,16 @@ def train(cfg: config.Config, rank: int = 0, world: int = 1, device=torch.device
 
 def _train(cfg: config.Config, rank: int, world: int, device: torch.device) -> int:
     say = print if rank == 0 else (lambda m: None)
-    plan, first = resume.plan(cfg.output_dir, cfg.checkpoint.resume, rank=rank, world=world, warn=say)
+    # engine.fsdp writes sharded (DCP) checkpoints; a directory of the other kind is refused, never pruned
+    sharded_checkpoint.check_kind(cfg.output_dir, sharded=cfg.engine.fsdp)
+    verify = sharded_checkpoint.verify if cfg.engine.fsdp else checkpoint.verify
+    plan, first = resume.plan(cfg.output_dir, cfg.checkpoint.resume, rank=rank, world=world, warn=say,
+                              verify=verify)
     if first is not None:  # rank 0: the next save needs the room the last one took; say so before the model loads
         checkpoint.check_free_space(Path(cfg.output_dir), checkpoint.size(first.path))
     model, tok, engine, mcfg, sampler, eval_tasks = build(cfg, rank, world, device)
     ck = resume.load(cfg.output_dir, plan, lambda c: restore(c, cfg, model, engine, sampler, rank, world, say),
-                     world=world, first=first, warn=say)
+                     world=world, first=first, warn=say, verify=verify)
     start, skips = (ck.step, int(ck.state["consecutive_skips"])) if ck is not None else (0, 0)
     known = {ck.path.name: True} if ck is not None else {}  # {checkpoint: verified?}: pruning hashes each once
     log = Logger(cfg.output_dir, enabled=rank == 0, start_step=start, max_steps=cfg.train.max_steps,
@@ -200,10 +218,15 @@ def _train(cfg: config.Config, rank: int, world: int, device: torch.device) -> i
             dist.all_gather_object(rngs, checkpoint.rng_state())
         else:
             rngs = [checkpoint.rng_state()]
+        state = {"step": step, "consecutive_skips": skips, "sampler": {**sampler.state_dict(), "step": step},
+                 "rng": rngs, "world_size": world}
+        if cfg.engine.fsdp:  # every rank writes its own shards
+            path = sharded_checkpoint.save(cfg.output_dir, step, model=model, engine=engine, state=state,
+                                           config_yaml=config.to_yaml(cfg), keep=cfg.checkpoint.keep)
+            log.write(f"saved {path}")
+            return
         opt = engine.optimizer_state()  # every rank: with engine.shard_state it gathers the shards
         if rank == 0:
-            state = {"step": step, "consecutive_skips": skips, "sampler": {**sampler.state_dict(), "step": step},
-                     "rng": rngs, "world_size": world}
             path = checkpoint.save(cfg.output_dir, step, model=model, optimizer_state=opt, state=state,
                                    config_yaml=config.to_yaml(cfg), keep=cfg.checkpoint.keep, known=known,
                                    warn=log.write)
@@ -213,7 +236,9 @@ def _train(cfg: config.Config, rank: int, world: int, device: torch.device) -> i
     poison = {"on": False}
     model.get_output_embeddings().register_forward_hook(
         lambda mod, inp, out: out * float("nan") if poison["on"] else None)
-    mine = list(range(rank, cfg.train.tasks_per_step, world))
+    # engine.fsdp: every rank takes every task (the engine splits each batch's rows over the ranks)
+    n_tasks = cfg.train.tasks_per_step
+    mine = list(range(n_tasks)) if cfg.engine.fsdp else list(range(rank, n_tasks, world))
     peak_lr, peak_inner = cfg.engine.outer_lr, cfg.engine.inner_lr
     status, step, last_eval = 0, start, (None, None)
     for step in range(start + 1, cfg.train.max_steps + 1):
@@ -265,7 +290,7 @@ def main(argv=None) -> int:
     if args.print_config:
         print(config.to_yaml(cfg), end="")
         return 0
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(cfg.engine.fsdp)
     try:
         return train(cfg, rank, world, device)
     except (config.ConfigError, data.DataError, CheckpointError, RunLockError, models.UnknownModelError) as e:

@@ -44,8 +44,8 @@ def set_aside(output_dir: Path) -> Path | None:
     return dest
 
 
-def plan(output_dir: str | Path, mode: str, *, rank: int, world: int,
-         warn: Callable[[str], None]) -> tuple[ResumePlan, Checkpoint | None]:
+def plan(output_dir: str | Path, mode: str, *, rank: int, world: int, warn: Callable[[str], None],
+         verify: Callable[[Path], Checkpoint] = checkpoint.verify) -> tuple[ResumePlan, Checkpoint | None]:
     """Phase 1 (see the module docstring). Returns the plan every rank shares, and on rank 0 the verified
     newest checkpoint (so phase 2 does not hash it twice). Raises CheckpointError when there is no usable
     checkpoint but there should be one ("auto" with only damaged ones, "require" with none)."""
@@ -60,7 +60,7 @@ def plan(output_dir: str | Path, mode: str, *, rank: int, world: int,
         damaged = []
         for i, name in enumerate(found):
             try:
-                first = checkpoint.verify(out / name)
+                first = verify(out / name)
             except CheckpointError as e:
                 warn(f"checkpoint {name} is unusable: {e}; trying the previous one")
                 damaged.append(str(e))
@@ -80,8 +80,8 @@ def plan(output_dir: str | Path, mode: str, *, rank: int, world: int,
 
 
 def load(output_dir: str | Path, resume_plan: ResumePlan, apply: Callable[[Checkpoint], None], *,
-         world: int, first: Checkpoint | None = None,
-         warn: Callable[[str], None]) -> Checkpoint | None:
+         world: int, first: Checkpoint | None = None, warn: Callable[[str], None],
+         verify: Callable[[Path], Checkpoint] = checkpoint.verify) -> Checkpoint | None:
     """Phase 2: the newest checkpoint of the plan that every rank verified and loaded through `apply`.
 
     `apply(ck)` loads ck into the trainer; it may raise anything (it names the file where it can). Raises
@@ -90,7 +90,7 @@ def load(output_dir: str | Path, resume_plan: ResumePlan, apply: Callable[[Check
     for i, name in enumerate(resume_plan.names):
         err = None
         try:
-            ck = first if (i == 0 and first is not None) else checkpoint.verify(Path(output_dir) / name)
+            ck = first if (i == 0 and first is not None) else verify(Path(output_dir) / name)
             apply(ck)
         except Exception as e:  # noqa: BLE001 -- any damage falls back to the previous checkpoint
             err = str(e) if isinstance(e, CheckpointError) else f"{Path(output_dir) / name}: {type(e).__name__}: {e}"
