@@ -193,13 +193,15 @@ def check_free_space(directory: Path, need: int) -> None:
 
 
 def prune(output_dir: str | Path, keep: int, *, known: dict[str, bool] | None = None,
-          warn: Callable[[str], None] = print) -> None:
+          warn: Callable[[str], None] = print, check: Callable[[Path], "Checkpoint"] | None = None) -> None:
     """Delete all but the newest `keep` checkpoints that pass `verify`; damaged ones do not count as kept.
 
     Damaged checkpoints older than the oldest kept one are deleted; newer damaged ones are left (the step
     will be saved over them). `known`: {name: passed verify} learned earlier in this process (saved, loaded
-    or pruned by it), so each checkpoint is hashed, and a damaged one reported, once; it is updated."""
+    or pruned by it), so each checkpoint is hashed, and a damaged one reported, once; it is updated.
+    `check`: the checkpoint kind's verify (default: this module's; train/sharded_checkpoint.py passes its own)."""
     known = {} if known is None else known
+    check = check or verify
     kept = 0
     for ckpt in reversed(checkpoints(output_dir)):
         if kept >= keep:
@@ -207,7 +209,7 @@ def prune(output_dir: str | Path, keep: int, *, known: dict[str, bool] | None = 
             continue
         if ckpt.name not in known:
             try:
-                verify(ckpt)
+                check(ckpt)
                 known[ckpt.name] = True
             except CheckpointError as e:
                 warn(f"checkpoint {ckpt.name} is damaged and not counted as kept: {e}")

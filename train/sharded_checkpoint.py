@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from mamlen.train.checkpoint import (CONFIG, MANIFEST, STATE, Checkpoint, CheckpointError, _fsync, _sha256,
-                                     _write_text, checkpoints)
+                                     _write_text, checkpoints, prune)
 
 FORMAT = "dcp-1"
 SHARDS = "dcp"
@@ -90,8 +90,8 @@ def save(output_dir, step: int, *, model: torch.nn.Module, engine, state: dict, 
         else:
             os.rename(tmp, final)
         _fsync(out)
-        for stale in checkpoints(out)[:-keep]:
-            shutil.rmtree(stale, ignore_errors=True)
+        # only checkpoints that verify count as kept (a damaged newer one never pushes a good one out)
+        prune(out, keep, known={final.name: True}, check=verify)
     dist.barrier()  # no rank runs ahead (and, e.g., crashes) before the checkpoint is in place
     return final
 
