@@ -132,6 +132,15 @@ class MetaConfig:
             raise ValueError(f"MetaConfig.autocast_dtype: must be None or torch.bfloat16 (float16 would need loss "
                              f"scaling, which the meta-step does not do), got {self.autocast_dtype!r}")
 
+    def check_param_dtypes(self, dtypes) -> None:
+        """Checks that need the model: fd with bfloat16 parameters perturbs far below the weights' resolution and
+        loses the Hessian term (bench/results/precision.md)."""
+        low = [str(d) for d in dtypes if d == torch.bfloat16]
+        if self.hvp == "fd" and low:
+            raise ValueError(f"MetaConfig.hvp: 'fd' with {low[0]} parameters loses the Hessian term (its "
+                             "perturbations are far below the weights' resolution; bench/results/precision.md); "
+                             "use hvp='exact' or 'mixed' (under fsdp: 'first_order', or float32 parameters)")
+
     @classmethod
     def field_names(cls):
         return [f.name for f in fields(cls)]

@@ -85,11 +85,7 @@ class MetaEngine:
         if self.config.checkpointing:
             activation_checkpoint.enable(model)
         self.arena = ParamArena(model)
-        low = [str(d) for d in self.arena.dtypes if d == torch.bfloat16]
-        if self.config.hvp == "fd" and low:
-            raise ValueError(f"MetaConfig.hvp: 'fd' with {low[0]} parameters loses the Hessian term (its "
-                             "perturbations are far below the weights' resolution; bench/results/precision.md); "
-                             "use hvp='exact' or 'mixed'")
+        self.config.check_param_dtypes(self.arena.dtypes)
         self.obj = Objective(model, self.arena, loss_fn, self.config.autocast_dtype)
         self.step_count = 0
         # m, v (full or this rank's shard, float or 8-bit), master weights, the G reduction: core/sharding.py

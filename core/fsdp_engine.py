@@ -257,6 +257,7 @@ class FSDPMetaEngine:
             mesh = DeviceMesh.from_group(process_group, device.type)
         shard_model(model, mesh)
         self.arena = ShardArena(model)
+        cfg.check_param_dtypes(self.arena.dtypes)
         self.obj = Objective(model, self.arena, loss_fn, cfg.autocast_dtype)
         self.step_count = 0
         # m, v, master copy, the outer kernels — all on this rank's shards (OuterState unsharded over them)

@@ -156,6 +156,12 @@ def _worker():
             raise AssertionError("an uneven batch was accepted")
         except ValueError as e:
             assert "task 0 support batch 0" in str(e) and "multiple of the world size" in str(e), e
+    # fd with bfloat16 parameters loses the Hessian term: refused as by MetaEngine (issue 15)
+    try:
+        FSDPMetaEngine(tiny_gpt2(dtype=torch.bfloat16), MetaConfig(**base, hvp="fd", fsdp=True))
+        raise AssertionError("fd with bfloat16 parameters was accepted")
+    except ValueError as e:
+        assert "'fd' with torch.bfloat16 parameters" in str(e), e
     dist.barrier()
     if rank == 0:
         print(f"WORKER OK {len(CASES)} cases on {world} ranks")
