@@ -49,8 +49,8 @@ def _kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor | None = None, batch: int = 1):
-    """A fresh DynamicCache holding kv: the batch rows `rows`, or row 0 broadcast to `batch` rows (a view: the
-    model's next forward concatenates, so the shared context is never copied per row)."""
+    """A fresh DynamicCache holding kv: the batch rows `rows`, or row 0 broadcast to `batch` rows (a view, copied
+    only once, by the model's concatenation of the new keys/values)."""
     from transformers import DynamicCache
 
     if rows is not None:
