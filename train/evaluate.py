@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from mamlen.train import data, instances, metrics
 
@@ -50,8 +49,8 @@ def _kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _cache(kv: Sequence[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor | None = None, batch: int = 1):
-    """A fresh DynamicCache holding kv: the batch rows `rows`, or row 0 broadcast to `batch` rows (a view: the
-    model's next forward concatenates, so the shared context is never copied per row)."""
+    """A fresh DynamicCache holding kv: the batch rows `rows`, or row 0 broadcast to `batch` rows (a view, copied
+    only once, by the model's concatenation of the new keys/values)."""
     from transformers import DynamicCache
 
     if rows is not None:
@@ -70,9 +69,11 @@ def _pad(seqs: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torc
     return ids, mask
 
 
-def _logprobs(model, hidden: torch.Tensor) -> torch.Tensor:
-    """log-softmax of the LM head on selected hidden states (N, d) -> (N, V), in float32."""
-    return F.log_softmax(model.get_output_embeddings()(hidden).float(), dim=-1)
+def _token_logprobs(model, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(tokens[r] | hidden[r]) under the LM head: hidden (R, d), tokens (R,) -> (R,), float32. One matmul for
+    all rows (the head is a large share of scoring short options); no (R, V) log-softmax is materialised."""
+    logits = model.get_output_embeddings()(hidden).float()  # (R, V)
+    return logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def _prepare(items, max_len: int):
@@ -129,11 +130,16 @@ def score_sequences(model, items: Sequence[tuple[list[int], list[int], int]], *,
                        cache=_cache(ctx_kv, batch=Bs) if P else None, use_cache=True)
             stem_kv = _kv(out.cache)  # (Bs, heads, P + Ls, hd)
             last = smask.sum(1) - 1  # (Bs,) position of each stem's last token
-            first_lp = _logprobs(model, out.last_hidden_state[torch.arange(Bs), last])  # (Bs, V): tail token 0
-            del out
             tails = [(b, i, tail) for b, stem in enumerate(chunk) for i, tail in stems[stem]]
-            for b, i, tail in tails:
-                losses[i] = -first_lp[b, tail[0]].item()  # a one-token option needs nothing more
+            rows = torch.tensor([b for b, _, _ in tails], device=device)
+            first = torch.tensor([tail[0] for _, _, tail in tails], device=device)
+            # tail token 0 is predicted by the stem's last position (one head row per stem, not per option);
+            # a one-token option needs nothing more
+            logits = model.get_output_embeddings()(out.last_hidden_state[torch.arange(Bs), last]).float()  # (Bs, V)
+            lp0 = (logits[rows, first] - torch.logsumexp(logits, dim=-1)[rows]).tolist()
+            del out
+            for (b, i, tail), lp in zip(tails, lp0):
+                losses[i] = -lp
             # tail tokens 0..n-2 predict tokens 1..n-1; the last token is never read, so it is not run
             longer = [(b, i, tail) for b, i, tail in tails if len(tail) > 1]
             for tlo in range(0, len(longer), batch_size):
@@ -145,10 +151,13 @@ def score_sequences(model, items: Sequence[tuple[list[int], list[int], int]], *,
                 mask = torch.cat([torch.ones((Bt, P), dtype=torch.long, device=device), smask[rows], tmask], 1)
                 hid = body(input_ids=tids, attention_mask=mask, position_ids=pos,
                            cache=_cache(stem_kv, rows=rows), use_cache=True).last_hidden_state  # (Bt, Lt, d)
-                for j, (b, i, tail) in enumerate(tc):
-                    n = len(tail)
-                    rest = torch.tensor(tail[1:], device=device)
-                    losses[i] -= _logprobs(model, hid[j, :n - 1]).gather(-1, rest[:, None]).sum().item()
+                sel = tmask.bool()  # (Bt, Lt): the real tokens, whose hidden states predict tokens 1..n-1
+                lp = _token_logprobs(model, hid[sel], torch.tensor([t for _, _, tail in tc for t in tail[1:]],
+                                                                  device=device)).tolist()
+                pos_lp = 0
+                for b, i, tail in tc:
+                    losses[i] -= sum(lp[pos_lp:pos_lp + len(tail) - 1])
+                    pos_lp += len(tail) - 1
             for b, i, tail in tails:
                 losses[i] /= len(tail)
     return losses
