@@ -4,7 +4,7 @@ Fused attention kernels (flash-attn, SDPA's flash / memory-efficient / CPU-flash
 first-order backward: no double backward, no forward-mode AD. So:
   exact, mixed      need an attention whose backward is itself differentiable (and, for mixed, forward-mode
                     differentiable): the tiled "mamlen" attention (O(T) memory, explicit second-order
-                    formulas; core/tiled_attention.py) when it is registered, else "eager" (T×T matrices, but
+                    formulas; core/attention_ops.py) when it is registered, else "eager" (T×T matrices, but
                     built from ordinary differentiable ops).
   fd, first_order   only ever take first-order gradients: the fastest first-order kernel — flash-attn 2 on
                     CUDA when installed, SDPA otherwise.
@@ -16,22 +16,16 @@ from __future__ import annotations
 import importlib.util
 from typing import Optional
 
+from mamlen.core import hf_attention
+
 SECOND_ORDER_MODES = ("exact", "mixed")
-
-
-def _mamlen_registered() -> bool:
-    try:
-        from transformers import AttentionInterface
-        return "mamlen" in AttentionInterface._global_mapping
-    except Exception:  # older transformers without the registry
-        return False
 
 
 def choose(mode: str, device_type: str, forced: Optional[str] = None) -> str:
     if forced is not None:
         return forced
     if mode in SECOND_ORDER_MODES:
-        return "mamlen" if _mamlen_registered() else "eager"
+        return hf_attention.NAME if hf_attention.registered() else "eager"
     if device_type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
