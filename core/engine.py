@@ -67,8 +67,8 @@ class MetaEngine:
     """Meta-gradients and meta-steps for `model` with the optimizer state (step, exp_avg, exp_avg_sq) it owns.
 
     Building the engine packs the model's trainable parameters into flat buffers (the model stays usable as
-    before: its parameters are views into them), chooses the attention implementation for `config.hvp`
-    (core/attention.py) and applies activation checkpointing if asked.
+    before: its parameters are views into them), chooses the attention implementations for `config.hvp`
+    (core/attention.py: the model rests on the fastest first-order one) and applies activation checkpointing if asked.
     """
 
     def __init__(self, model, config: Optional[MetaConfig] = None, *, loss_fn: Optional[Callable] = None,
@@ -77,7 +77,7 @@ class MetaEngine:
         self.config = config or MetaConfig()
         self.config.validate()
         self.group = process_group
-        self.attn_implementation = attention.configure(model, self.config.hvp, self.config.attn_implementation)
+        self.attention = attention.configure(model, self.config.hvp, self.config.attn_implementation)
         if self.config.hvp == "mixed":
             forward_ad.make_forward_differentiable(model)
         if self.config.checkpointing:
@@ -210,13 +210,15 @@ class MetaEngine:
         s_first = None
         for j, batch in enumerate(supports, start=1):
             rng = RngState(self.arena.device)
-            if keep:
-                loss, g_graph, leaves = hvp.gradient(obj, phi, batch, rng, create_graph=True)
-                g = [x.detach() for x in g_graph]
-                kept = (g_graph, leaves)
-            else:
-                loss, g = hvp.gradient(obj, phi, batch, rng)
-                kept = None
+            # exact / mixed differentiate this loss again in the reverse pass: same attention (and dropout masks)
+            with attention.using(self.model, self.attention.second_order):
+                if keep:
+                    loss, g_graph, leaves = hvp.gradient(obj, phi, batch, rng, create_graph=True)
+                    g = [x.detach() for x in g_graph]
+                    kept = (g_graph, leaves)
+                else:
+                    loss, g = hvp.gradient(obj, phi, batch, rng)
+                    kept = None
             s_first = float(loss) if s_first is None else s_first
             if adamw:
                 hp = dict(lr=cfg.inner_lr, beta1=b1, beta2=b2, eps=cfg.eps, weight_decay=cfg.inner_weight_decay,
@@ -268,16 +270,17 @@ class MetaEngine:
                 del outs
             del g, m_j, v_j  # this step's tape entries are no longer needed
             batch = supports[j - 1]
-            if cfg.hvp == "exact":
-                hvp.hvp_exact_into(obj, phi_prev, batch, rng, g_bar, p_bar, kept=kept)
-                hv = kept = None
-            elif cfg.hvp == "mixed":
-                hv = hvp.hvp_mixed(obj, phi_prev, batch, rng, g_bar)
-            elif cfg.hvp == "fd":
-                hvp.hvp_fd_into(obj, phi_prev, batch, rng, g_bar, p_bar, fd_eps=cfg.fd_eps)
-                hv = None
-            else:
-                hv = None
+            with attention.using(self.model, self.attention.second_order):
+                if cfg.hvp == "exact":
+                    hvp.hvp_exact_into(obj, phi_prev, batch, rng, g_bar, p_bar, kept=kept)
+                    hv = kept = None
+                elif cfg.hvp == "mixed":
+                    hv = hvp.hvp_mixed(obj, phi_prev, batch, rng, g_bar)
+                elif cfg.hvp == "fd":
+                    hvp.hvp_fd_into(obj, phi_prev, batch, rng, g_bar, p_bar, fd_eps=cfg.fd_eps)
+                    hv = None
+                else:
+                    hv = None
             if hv is not None:
                 for k in range(len(p_bar)):
                     p_bar[k].add_(hv[k])
