@@ -88,6 +88,7 @@ class MetaEngine:
         # m, v (full or this rank's shard, float or 8-bit), master weights, the G reduction: core/sharding.py
         self.opt_state = OuterState(self.arena, self.config, process_group)
         self._zero_chunk = {}  # moments="separate": m_0 = v_0 = 0, read chunk by chunk
+        self._forward_ad = hvp.ForwardAD()  # hvp="mixed": falls back to exact if the model lacks forward AD
 
     # -- public API ---------------------------------------------------------------------------------------
     def meta_gradient(self, tasks: list[Task]) -> dict[str, torch.Tensor]:
@@ -270,21 +271,13 @@ class MetaEngine:
                 del outs
             del g, m_j, v_j  # this step's tape entries are no longer needed
             batch = supports[j - 1]
-            with attention.using(self.model, self.attention.second_order):
-                if cfg.hvp == "exact":
-                    hvp.hvp_exact_into(obj, phi_prev, batch, rng, g_bar, p_bar, kept=kept)
-                    hv = kept = None
-                elif cfg.hvp == "mixed":
-                    hv = hvp.hvp_mixed(obj, phi_prev, batch, rng, g_bar)
-                elif cfg.hvp == "fd":
-                    hvp.hvp_fd_into(obj, phi_prev, batch, rng, g_bar, p_bar, fd_eps=cfg.fd_eps)
-                    hv = None
+            with attention.using(self.model, self.attention.second_order):  # p̄ += H_{S_j}(φ_{j-1}) ḡ
+                if kept is not None:
+                    hvp.kept_(obj, kept, rng, g_bar, p_bar)
                 else:
-                    hv = None
-            if hv is not None:
-                for k in range(len(p_bar)):
-                    p_bar[k].add_(hv[k])
-            del phi_prev, g_bar, hv
+                    hvp.MODES[cfg.hvp](obj, phi_prev, batch, rng, g_bar, p_bar,
+                                       hvp.Options(fd_eps=cfg.fd_eps, forward_ad=self._forward_ad))
+            del phi_prev, g_bar, kept
         if not G:
             G.extend(p_bar)
         else:

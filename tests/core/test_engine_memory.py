@@ -35,14 +35,14 @@ def test_only_theta_moments_pbar_and_gbar_are_alive_at_the_hvp(tiny, monkeypatch
     tasks = [Task(support=[tiny.batch(gen)], query=tiny.batch(gen))]
     numel = engine.arena.numel
     counts = []
-    real = hvp.hvp_exact_into
+    real = hvp.MODES["exact"]
 
     def counting(*args, **kwargs):
         gc.collect()
         counts.append(_full_size_storages(numel, (torch.float64,)))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hvp, "hvp_exact_into", counting)
+    monkeypatch.setitem(hvp.MODES, "exact", counting)
     engine.step(tasks)
     # θ, m, v, p̄, ḡ (m and v exist with separate moments too: they are the outer optimizer's state)
     assert counts == [5]
