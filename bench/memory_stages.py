@@ -1,10 +1,13 @@
 """Where a meta-step's memory goes: RSS before, peak and after each stage (gradient, HVP), in parameter buffers.
 
     .venv/bin/python bench/memory_stages.py --layers 8 --seq 64 --hvp exact
+    .venv/bin/python bench/memory_stages.py --layers 4 --seq 1024 --hvp exact --blocks   # inside the exact HVP
 
 Builds a random GPT-2 (width 1024, 16 heads, small vocabulary so that parameter-sized buffers dominate), runs
-one warm-up meta-step and then one measured step. The hvp functions the engine calls are wrapped to reset the
-kernel's high-water mark (/proc/self/clear_refs) before each call, so each row is that call's own peak.
+one warm-up meta-step and then one measured step. The gradients and the HVP the engine calls are wrapped to reset
+the kernel's high-water mark (/proc/self/clear_refs) before each call, so each row is that call's own peak.
+With --blocks (exact), RSS is also sampled as the HVP's second backward enters and leaves each block
+(core/block_recompute.py): flat rows mean one block's second-order graph at a time.
 Units: one flat float32 buffer of all parameters. Linux only.
 """
 import argparse
@@ -12,7 +15,7 @@ import argparse
 import torch
 import transformers
 
-from mamlen.core import MetaConfig, MetaEngine, Task, hvp
+from mamlen.core import MetaConfig, MetaEngine, Task, block_recompute, hvp
 
 
 def _status():
@@ -34,6 +37,7 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--hvp", default="exact", choices=["exact", "mixed", "fd", "first_order"])
     ap.add_argument("--moments-bits", type=int, default=32, choices=[32, 8])
+    ap.add_argument("--blocks", action="store_true", help="exact: RSS entering/leaving each block's second backward")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -49,26 +53,39 @@ def main(argv=None):
     tasks = [Task(support=[batch], query=dict(batch))]
     engine.step(tasks)  # warm-up: allocator and lazy initialisation
     unit = engine.arena.numel * 4
-    rows = []
-    for name in ("gradient", "hvp_exact_into", "hvp_exact", "hvp_mixed", "hvp_fd_into"):
-        orig = getattr(hvp, name, None)
-        if orig is None:  # older engine versions lack some of these
-            continue
+    rows, block_rows = [], []
 
-        def wrapped(*a, _orig=orig, _name=name, **k):
+    def measured(orig, name):
+        def wrapped(*a, **k):
             before, _ = _status()
             _reset_peak()
-            out = _orig(*a, **k)
+            out = orig(*a, **k)
             after, peak = _status()
-            rows.append((_name, before / unit, peak / unit, after / unit))
+            rows.append((name, before / unit, peak / unit, after / unit))
             return out
-        setattr(hvp, name, wrapped)
+        return wrapped
+
+    hvp.gradient = measured(hvp.gradient, "gradient")
+    hvp.MODES[args.hvp] = measured(hvp.MODES[args.hvp], f"hvp {args.hvp}")
+    if args.blocks:
+        second = block_recompute._BlockBackward.backward
+
+        def sampled(ctx, *grads):
+            before, _ = _status()
+            out = second(ctx, *grads)
+            block_rows.append((before / unit, _status()[0] / unit))
+            return out
+        block_recompute._BlockBackward.backward = staticmethod(sampled)
     engine.step(tasks)
     print(f"GPT-2 width {args.width}, {args.layers} layers, vocab {args.vocab}, T = {args.seq}, hvp={args.hvp}: "
           f"{engine.arena.numel / 1e6:.1f} M parameters; unit = {unit / 2**30:.3f} GiB (one float32 parameter buffer)")
     print("| call (in order) | RSS before | peak during | RSS after |\n|---|---:|---:|---:|")
     for name, b, p, a in rows:
         print(f"| {name} | {b:.2f} | {p:.2f} | {a:.2f} |")
+    if block_rows:
+        print("\n| second backward of the HVP: block call | RSS entering | RSS leaving |\n|---|---:|---:|")
+        for i, (b, a) in enumerate(block_rows, start=1):
+            print(f"| {i} | {b:.2f} | {a:.2f} |")
 
 
 if __name__ == "__main__":

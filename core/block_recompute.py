@@ -13,9 +13,12 @@ blocks is ever held. The HVP is then ∇(Σ_b s_b + ⟨g_rest, v_rest⟩), where
 the parameters outside the blocks (embeddings, final norm, head). The second backward runs, per block:
 
     _BlockBackward.backward   recompute f, VJP with create_graph, differentiate (x̄, s_b) again: one block's
-                              second-order graph, freed on return -> cotangents of x, ȳ, θ_b
+                              second-order graph, freed on return -> cotangents of x, ȳ; θ_b's piece of H·v
     _Block.backward           (grad mode off: the second backward's pass through the forward chain) recompute
-                              f, one VJP -> cotangents of x, θ_b
+                              f, one VJP -> cotangent of x; θ_b's piece of H·v
+
+θ_b's pieces go straight into acc (`Scope.add_`), not through autograd, which would hold them in the parameter's
+input buffer until the last of its uses had run (the whole H·v at the peak).
 
 Passes per block: the forward, plus 3 recomputations (first backward, second backward twice) — about 1.5x the
 arithmetic of a whole-graph double backward, for memory O(one block) + O(T·width) per block (x, ȳ, x̄).
@@ -77,10 +80,20 @@ class _Call:
 
 @dataclass
 class Scope:
-    """The HVP in progress: the direction of every tensor the blocks compute with as a parameter (by identity;
-    absent: not trained, no share), and the collected s_b."""
+    """The HVP in progress, keyed by identity of the tensors the blocks compute with as parameters (absent: not
+    trained): their direction v and their slice of acc; and the collected shares s_b."""
     directions: dict
+    accumulators: dict
     shares: list = field(default_factory=list)
+
+    def add_(self, params, pieces):
+        """acc += H·v pieces of block parameters, directly: routed through autograd, a block's pieces from its
+        second backward would wait in the parameter's input buffer until the forward chain's pass reaches the
+        block again (measured: one block's parameters per block, i.e. the whole hv at the peak)."""
+        for p, h in zip(params, pieces):
+            a = self.accumulators.get(id(p))
+            if a is not None and h is not None:
+                a.add_(h.to(a.dtype))
 
 
 def _slots(block):
@@ -114,11 +127,11 @@ class _BlockBackward(torch.autograd.Function):
     """(x, ȳ, θ_b) -> (x̄, s_b = ⟨θ̄_b, v_b⟩): the block's first backward, itself differentiable one block at a time."""
 
     @staticmethod
-    def forward(ctx, call, vec, x, y_bar, *params):
+    def forward(ctx, scope, call, vec, x, y_bar, *params):
         _, _, x_bar, p_bar = _vjp(call, x, params, y_bar, create_graph=False)
         s = sum((torch.vdot(g.reshape(-1), v.reshape(-1).to(g.dtype)) for g, v in zip(p_bar, vec)
                  if g is not None and v is not None), x.new_zeros(()))
-        ctx.call, ctx.vec = call, vec
+        ctx.scope, ctx.call, ctx.vec = scope, call, vec
         ctx.save_for_backward(x, y_bar, *params)
         return torch.zeros_like(x) if x_bar is None else x_bar, s
 
@@ -138,10 +151,11 @@ class _BlockBackward(torch.autograd.Function):
                     outs.append(g)
                     cots.append(v.to(g.dtype) * s_bar)
             if not outs:
-                return (None,) * (4 + len(params))
+                return (None,) * (5 + len(params))
             # one block's second-order graph, alive only until this returns
             second = torch.autograd.grad(outs, [lx, ly_bar] + lp, cots, allow_unused=True)
-        return (None, None, second[0], second[1], *second[2:])
+        ctx.scope.add_(params, second[2:])
+        return (None, None, None, second[0], second[1], *([None] * len(params)))
 
 
 class _Block(torch.autograd.Function):
@@ -160,11 +174,13 @@ class _Block(torch.autograd.Function):
         x, *params = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the first backward of the HVP
             vec = [ctx.scope.directions.get(id(p)) for p in params]
-            x_bar, s = _BlockBackward.apply(ctx.call, vec, x, y_bar, *params)
+            x_bar, s = _BlockBackward.apply(ctx.scope, ctx.call, vec, x, y_bar, *params)
             ctx.scope.shares.append(s)
             return (None, None, x_bar, *([None] * len(params)))
+        # the second backward's pass through the forward chain: J_θ^T ȳ goes straight into acc (Scope.add_)
         _, _, x_bar, p_bar = _vjp(ctx.call, x, params, y_bar, create_graph=False)
-        return (None, None, x_bar, *p_bar)
+        ctx.scope.add_(params, p_bar)
+        return (None, None, x_bar, *([None] * len(params)))
 
 
 def _is_cache(x):
@@ -195,10 +211,11 @@ def _blockwise_forward(scope, block, fn, hidden_states, *args, **kwargs):
 
 
 @contextlib.contextmanager
-def blockwise(blocks: list[nn.Module], directions: dict, forwards: list | None = None):
-    """Run `blocks` as `_Block`s for the duration (one HVP). `directions` maps id(tensor a block computes with as a
-    parameter) -> its direction; `forwards` are the blocks' unwrapped forwards (default: their current ones)."""
-    scope = Scope(directions=directions)
+def blockwise(blocks: list[nn.Module], directions: dict, accumulators: dict, forwards: list | None = None):
+    """Run `blocks` as `_Block`s for the duration (one HVP). `directions` / `accumulators` map id(tensor a block
+    computes with as a parameter) -> its direction / its slice of acc; `forwards` are the blocks' unwrapped
+    forwards (default: their current ones)."""
+    scope = Scope(directions=directions, accumulators=accumulators)
     forwards = forwards or [b.forward for b in blocks]
     try:
         for block, fn in zip(blocks, forwards):
@@ -213,10 +230,11 @@ def blockwise(blocks: list[nn.Module], directions: dict, forwards: list | None =
 
 
 def hvp_(loss_fn, blocks: list[nn.Module], leaves: list[torch.Tensor], vec: list[torch.Tensor],
-         acc: list[torch.Tensor], *, directions: dict, forwards: list | None = None) -> None:
+         acc: list[torch.Tensor], *, directions: dict, accumulators: dict, forwards: list | None = None) -> None:
     """acc[k] += (H v)[k] for L = loss_fn(), H its Hessian w.r.t. `leaves` (one per parameter, requiring grad; the
-    caller binds them, or differentiable functions of them such as dtype casts, into the model); `directions`
-    maps id(each tensor the model computes with) -> its slice of v. `blocks` run one at a time (see above).
+    caller binds them, or differentiable functions of them such as dtype casts, into the model); `directions` and
+    `accumulators` map id(each tensor the model computes with) -> its slice of v / of acc. `blocks` run one at a
+    time (see above).
 
     Neither pass holds a parameter-sized gradient: the first backward turns each gradient into its share
     ⟨g_k, v_k⟩ as it arrives (blocks: inside `_BlockBackward`; other parameters: in a post-accumulate hook), the
@@ -235,7 +253,7 @@ def hvp_(loss_fn, blocks: list[nn.Module], leaves: list[torch.Tensor], vec: list
     hooks = [x.register_post_accumulate_grad_hook(functools.partial(arrived, v=v, a=a))
              for x, v, a in zip(leaves, vec, acc)]
     try:
-        with blockwise(blocks, directions, forwards) as scope:
+        with blockwise(blocks, directions, accumulators, forwards) as scope:
             loss = loss_fn()
             with warnings.catch_warnings():  # create_graph + .grad: the cycle it warns about is cut in `arrived`
                 warnings.filterwarnings("ignore", message=".*create_graph=True.*reference cycle.*")

@@ -88,8 +88,9 @@ def hvp_exact_(obj, flats, batch, rng, vec, acc, opts: Options = None):
         # the tensors the model computes with (the leaves, or their casts for bf16 parameters) -> direction
         bound = dict(model.named_parameters())
         directions = {id(bound[n]): v for n, v in zip(leaves, vec_l)}
+        accumulators = {id(bound[n]): a for n, a in zip(leaves, acc_l)}
         block_recompute.hvp_(lambda: obj.loss(batch), blocks, list(leaves.values()), vec_l, acc_l,
-                             directions=directions, forwards=forwards)
+                             directions=directions, accumulators=accumulators, forwards=forwards)
 
 
 def hvp_mixed_(obj, flats, batch, rng, vec, acc, opts: Options):
