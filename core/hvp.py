@@ -58,14 +58,37 @@ def _leaves(flats):
 
 
 def gradient(obj: Objective, flats, batch, rng: RngState, *, create_graph=False):
-    """(loss, [∇L(φ)]) at φ = flats. With create_graph the graph is returned alive: (loss, grads, leaves)."""
-    leaves = _leaves(flats)
-    with rng.replay(), obj.arena.bind(leaves):
-        loss = obj.loss(batch)
-        grads = torch.autograd.grad(loss, leaves, create_graph=create_graph)
+    """(loss, [∇L(φ)]) at φ = flats, as fresh flat buffers. With create_graph the graph is returned alive:
+    (loss, grads, leaves).
+
+    Without create_graph, each parameter's gradient is copied into the output as it arrives and dropped: one
+    parameter-sized buffer at the peak (differentiating w.r.t. the flat buffer held every parameter's gradient
+    until their concatenation: two)."""
     if create_graph:
+        leaves = _leaves(flats)
+        with rng.replay(), obj.arena.bind(leaves):
+            loss = obj.loss(batch)
+            grads = torch.autograd.grad(loss, leaves, create_graph=True)
         return loss.detach(), list(grads), leaves
-    return loss.detach(), list(grads)
+    arena = obj.arena
+    out = [torch.zeros_like(f) for f in flats]  # parameters the loss does not reach keep 0
+    leaves = {n: x.detach().requires_grad_(True) for n, x in arena.views(flats).items()}
+    out_v = arena.views(out)
+
+    def arrived(p, o):
+        if p.grad is not None:
+            o.copy_(p.grad)
+            p.grad = None
+
+    hooks = [x.register_post_accumulate_grad_hook(lambda p, _o=out_v[n]: arrived(p, _o)) for n, x in leaves.items()]
+    try:
+        with rng.replay(), arena.bind(leaves):
+            loss = obj.loss(batch)
+            torch.autograd.backward(loss, inputs=list(leaves.values()))
+    finally:
+        for h in hooks:
+            h.remove()
+    return loss.detach(), out
 
 
 def _per_parameter(arena, flats, vec, acc):
