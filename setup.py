@@ -99,7 +99,8 @@ setup(
     ],
     extras_require={
         # bitsandbytes: the 8-bit moments tests (CPU build; it does not pull another torch)
-        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.2", "bitsandbytes==0.50.2"],
+        # scipy: bench/stats.py (t and noncentral t distributions of the study's intervals and power)
+        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.2", "bitsandbytes==0.50.2", "scipy>=1.11"],
         "gpu": ["triton>=3.2", "bitsandbytes>=0.45", "flash-attn>=2.6"],
         "bnb": ["bitsandbytes>=0.45"],
     },

@@ -116,12 +116,16 @@ class ParamArena:
         """Make the model compute with views of `flats` (flat buffers, or {name: tensor} shaped like the
         parameters, e.g. one autograd leaf per parameter) instead of its parameters, for the duration.
 
-        Backward passes that may recompute activations (checkpointing) must run inside the same `bind`."""
+        Backward passes that may recompute activations (checkpointing) must run inside the same `bind`.
+        A flat wider than its parameters' dtype (float32 φ of bfloat16 parameters) is seen by the model through a
+        differentiable cast to that dtype; the views yielded (what derivatives are taken against) stay uncast."""
         views = dict(flats) if isinstance(flats, dict) else self.views(flats)
+        seen = {n: v if v.dtype == self.dtypes[self.slots[n].flat] else v.to(self.dtypes[self.slots[n].flat])
+                for n, v in views.items()}  # one cast per name: tied parameters stay one tensor
         saved = [(mod, key, mod._parameters[key]) for mod, key, _ in self._holders]
         try:
             for mod, key, name in self._holders:
-                mod._parameters[key] = views[name]  # plain tensor in the dict: no Parameter checks, no copy
+                mod._parameters[key] = seen[name]  # plain tensor in the dict: no Parameter checks, no copy
             yield views
         finally:
             for mod, key, p in saved:

@@ -49,7 +49,8 @@ class MetaConfig:
     checkpointing: bool = False
     """Non-reentrant activation checkpointing of every transformer block (composes with every mode)."""
     autocast_dtype: Optional[torch.dtype] = None
-    """Run the model's compute under torch.autocast with this dtype (e.g. torch.bfloat16); parameters,
+    """Run the model's compute under torch.autocast with this dtype (torch.bfloat16; float16 is refused: no loss
+    scaling); parameters,
     moments and all elementwise stages stay in their own dtype."""
     attn_implementation: Optional[str] = None
     """None: chosen per mode by core/attention.py (a double-backward-capable attention for exact/mixed, the
@@ -91,6 +92,15 @@ class MetaConfig:
             val = getattr(self, name)
             if not isinstance(val, (int, float)) or not val >= 0 or val == float("inf"):
                 raise ValueError(f"MetaConfig.{name}: must be a finite number ≥ 0, got {val!r}")
+        if not self.eps > 0:  # AdamW's m/(√v + ε) is 0/0 on lanes with m = v = 0 (e.g. unused embedding rows)
+            raise ValueError(f"MetaConfig.eps: must be > 0, got {self.eps!r}")
+        if self.hvp == "fd" and self.autocast_dtype is not None:
+            raise ValueError(f"MetaConfig.hvp: 'fd' under autocast_dtype={self.autocast_dtype} loses the Hessian term "
+                             "(its perturbations are far below bfloat16's resolution; bench/results/precision.md: "
+                             "error 5-15x the term itself); use hvp='exact' or 'mixed'")
+        if self.inner_graph == "keep" and self.hvp != "exact":
+            raise ValueError(f"MetaConfig.inner_graph: 'keep' holds the exact HVP's graph and has no effect with "
+                             f"hvp={self.hvp!r}; use inner_graph='recompute' or hvp='exact'")
         if not isinstance(self.inner_steps, int) or self.inner_steps < 1:
             raise ValueError(f"MetaConfig.inner_steps: must be an integer ≥ 1, got {self.inner_steps!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -105,9 +115,10 @@ class MetaConfig:
         if isinstance(self.moments_bits, bool) or self.moments_bits not in MOMENTS_BITS:
             raise ValueError(f"MetaConfig.moments_bits: {self.moments_bits!r} is not one of "
                              f"{', '.join(map(repr, MOMENTS_BITS))}")
-        if self.autocast_dtype not in (None, torch.bfloat16, torch.float16):
-            raise ValueError(f"MetaConfig.autocast_dtype: must be None, torch.bfloat16 or torch.float16, "
-                             f"got {self.autocast_dtype!r}")
+        if self.autocast_dtype not in (None, torch.bfloat16):
+            # float16 needs loss scaling (gradients and HVPs underflow its 6e-8 floor), which the engine lacks
+            raise ValueError(f"MetaConfig.autocast_dtype: must be None or torch.bfloat16 (float16 would need loss "
+                             f"scaling, which the meta-step does not do), got {self.autocast_dtype!r}")
 
     @classmethod
     def field_names(cls):

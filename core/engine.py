@@ -83,6 +83,11 @@ class MetaEngine:
         if self.config.checkpointing:
             activation_checkpoint.enable(model)
         self.arena = ParamArena(model)
+        low = [str(d) for d in self.arena.dtypes if d == torch.bfloat16]
+        if self.config.hvp == "fd" and low:
+            raise ValueError(f"MetaConfig.hvp: 'fd' with {low[0]} parameters loses the Hessian term (its "
+                             "perturbations are far below the weights' resolution; bench/results/precision.md); "
+                             "use hvp='exact' or 'mixed'")
         self.obj = Objective(model, self.arena, loss_fn, self.config.autocast_dtype)
         self.step_count = 0
         # m, v (full or this rank's shard, float or 8-bit), master weights, the G reduction: core/sharding.py
@@ -198,15 +203,18 @@ class MetaEngine:
         t0 = self.step_count if cfg.moments == "shared" else 0
         keep = cfg.hvp == "exact" and cfg.inner_graph == "keep"
 
-        # L_Q(θ) before adaptation (no graph; the query's own dropout masks, shared with L_Q(φ_K) below)
+        # L_Q(θ) before adaptation (no graph): the query's first evaluation, so it fixes the query's dropout masks
+        # and L_Q(φ_K) below replays them (without measure_adaptation, L_Q(φ_K) is the first evaluation)
         q_rng = RngState(self.arena.device)
         q_before = math.nan
         if cfg.measure_adaptation:
             with torch.no_grad(), q_rng.replay():
                 q_before = float(obj.loss(query))
 
-        # forward: K inner steps. tape[j] = (φ_{j-1}, g_j, m_j, v_j, rng_j, kept graph)
-        phi = self.arena.flats
+        # forward: K inner steps. tape[j] = (φ_{j-1}, g_j, m_j, v_j, rng_j, kept graph). φ lives in the state
+        # dtype: an inner step of bfloat16 weights would mostly round away (at lr 1e-5, most N(0, 0.02) weights
+        # do not move) while the adjoint differentiates the unrounded map; the model sees φ cast to its dtype
+        phi = [f if f.dtype == _sd(f.dtype) else f.to(_sd(f.dtype)) for f in self.arena.flats]
         tape = []
         s_first = None
         for j, batch in enumerate(supports, start=1):

@@ -55,16 +55,28 @@ def count_targets(batch: dict) -> int:
 
 
 class RngState:
-    """The RNG state before a loss was first evaluated, so recomputations (checkpointing, the two fd points, the
-    reverse pass's re-evaluation) draw the same dropout masks."""
+    """The dropout masks of one loss: every evaluation of that loss inside `replay()` draws the same ones.
+
+    The first evaluation records the global RNG state and runs on it, so the global RNG advances as in ordinary
+    training (the next loss, task or meta-step draws fresh masks). Later evaluations (checkpointing, the fd
+    points, mixed, the exact HVP's re-evaluation) fork the RNG, set the recorded state and give the caller's
+    state back, so they neither change the masks nor advance the RNG a second time."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.cpu = torch.get_rng_state()
-        self.accel = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.cpu = self.accel = None  # recorded at the first evaluation
+
+    @property
+    def recorded(self) -> bool:
+        return self.cpu is not None
 
     @contextlib.contextmanager
     def replay(self):
+        if not self.recorded:
+            self.cpu = torch.get_rng_state()
+            self.accel = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+            yield
+            return
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # restores the caller's state afterwards
             torch.set_rng_state(self.cpu)

@@ -36,7 +36,7 @@ from pathlib import Path
 SEEDS = (100, 13, 21, 42, 87)
 K = 16
 POOL_CAP = 200       # training examples per task (MetaICL's pools are larger; the repo stays small)
-TEST_CAP = 50        # test queries per task (CPU-affordable evaluation)
+TEST_CAP = 200       # test queries per task: enough to pair per-query scores across models (issue 13)
 MAX_TEXT = 150       # characters: keeps 16-shot prompts within ~1024 tokens
 OUT_DEFAULT = Path(__file__).resolve().parent / "suite"
 
@@ -705,7 +705,8 @@ def balanced_order(rng: random.Random, examples: list, by_label: bool) -> list:
 
 
 def split_task(name: str, kind: str, examples: list) -> tuple[list, list]:
-    """(pool, test): test first (near-balanced for classification), pool = the rest, both capped."""
+    """(pool, test): test first (near-balanced for classification), pool = the rest, both capped. The test set
+    takes a third of the examples, or more while the pool keeps POOL_CAP, up to TEST_CAP."""
     seen, uniq = set(), []
     for e in sorted(examples, key=lambda e: (e["input"], e["output"])):
         if e["input"] not in seen:  # one answer per input
@@ -715,7 +716,7 @@ def split_task(name: str, kind: str, examples: list) -> tuple[list, list]:
     order = balanced_order(rng, uniq, kind in ("classification", "nli", "paraphrase"))
     if kind == "generation":
         return order[:POOL_CAP], []
-    n_test = min(TEST_CAP, len(order) // 3)
+    n_test = min(TEST_CAP, max(len(order) // 3, len(order) - POOL_CAP))
     return order[n_test:n_test + POOL_CAP], order[:n_test]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import typing
 from dataclasses import dataclass, field
@@ -226,6 +227,16 @@ class EngineConfig(_Section):
         self._require(self.inner_steps >= 1, "inner_steps", "must be >= 1")
         self._require(all(0.0 <= b < 1.0 for b in self.betas), "betas", "each must be in [0, 1)")
         self._require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        self._require(self.autocast_dtype != "float16", "autocast_dtype",
+                      "float16 is refused: the meta-step has no loss scaling; use bfloat16")
+        self._require(self.hvp != "fd" or self.autocast_dtype is None, "hvp",
+                      "'fd' under autocast loses the Hessian term (bench/results/precision.md); use exact or mixed")
+        self._require(self.inner_graph == "recompute" or self.hvp == "exact", "inner_graph",
+                      f"'keep' only applies to hvp='exact' (got hvp={self.hvp!r})")
+        # optional dependencies: found missing now, not after the model has loaded
+        self._require(self.moments_bits != 8 or importlib.util.find_spec("bitsandbytes") is not None,
+                      "moments_bits", "8-bit moments need bitsandbytes, which is not installed (pip install "
+                      "bitsandbytes)")
 
 
 @dataclass(kw_only=True)
@@ -294,8 +305,10 @@ class CheckpointConfig(_Section):
     """Save a checkpoint every this many steps (0: only at the end)."""
     keep: int = 3
     """Keep the newest this many checkpoints."""
-    resume: Literal["auto", "require"] = "auto"
-    """auto: continue from the newest valid checkpoint in output_dir if there is one; require: fail if none."""
+    resume: Literal["auto", "require", "never"] = "auto"
+    """auto: continue from the newest valid checkpoint in output_dir if there is one (stop with an error if there
+    are checkpoints but none is usable); require: also fail if there is none; never: start at step 0, moving any
+    checkpoints of output_dir aside into output_dir/discarded-<time>/."""
 
     def _check(self):
         self._require(self.every >= 0, "every", "must be >= 0")
@@ -374,6 +387,9 @@ class Config(_Section):
         self._require(bool(self.output_dir), "output_dir", "must not be empty")
         if self.train.method == "metaicl" and self.engine.moments == "separate":
             raise ConfigError("engine.moments: 'separate' has no meaning for train.method 'metaicl'")
+        if self.engine.hvp == "fd" and self.model.dtype == "bfloat16":
+            raise ConfigError("engine.hvp: 'fd' with model.dtype=bfloat16 loses the Hessian term "
+                              "(bench/results/precision.md); use exact or mixed")
         if self.engine.master_weights and self.model.dtype != "bfloat16":
             raise ConfigError(f"engine.master_weights: needs model.dtype=bfloat16, got model.dtype={self.model.dtype!r}")
 
@@ -450,15 +466,36 @@ def _key_lines(node, source: str, prefix: str = "", out: dict | None = None) -> 
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for k, _ in node.value:
+            key = self.construct_object(k, deep=deep)
+            if key in seen:
+                raise ConfigError(f"{k.start_mark.name}:{k.start_mark.line + 1}: duplicate key {key!r} "
+                                  f"(first given on line {seen[key]})")
+            seen[key] = k.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> tuple[dict, dict[str, str]]:
     """Read a config file; returns (nested dict, {dotted key: "file:line"})."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
     try:
-        data = yaml.safe_load(text)
+        loader = _UniqueKeyLoader(text)
+        loader.name = str(path)  # marks (hence messages) name the file
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
         node = yaml.compose(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
@@ -492,8 +529,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="shortcut for --set output_dir=...")
     p.add_argument("--max-steps", help="shortcut for --set train.max_steps=...")
     p.add_argument("--seed", help="shortcut for --set train.seed=...")
-    p.add_argument("--resume", action="store_true",
-                   help="require a checkpoint in output_dir (resuming is automatic when one exists)")
+    p.add_argument("--resume", nargs="?", const="require", choices=["auto", "require", "never"],
+                   help="shortcut for --set checkpoint.resume=...; alone: require a checkpoint in output_dir "
+                        "(resuming is automatic when one exists); never: start afresh, old checkpoints moved aside")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     return p
 
@@ -513,7 +551,7 @@ def from_args(args: argparse.Namespace) -> Config:
         if getattr(args, flag) is not None:
             sets.append(f"{key}={getattr(args, flag)}")
     if args.resume:
-        sets.append("checkpoint.resume=require")
+        sets.append(f"checkpoint.resume={args.resume}")
     for s in sets:
         key, sep, raw = s.partition("=")
         key = key.strip()

@@ -37,7 +37,7 @@ def task_file(data_dir, task: str, split: str, k: int, seed: int) -> Path:
     return Path(data_dir) / task / f"{task}_{k}_{seed}_{split}.jsonl"
 
 
-def _check_example(ex, where: str, task: str | None) -> dict:
+def _check_example(ex, where: str, task: str | None, need_options: bool = False) -> dict:
     if not isinstance(ex, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(ex).__name__}")
     for field in ("task", "input", "output", "options"):
@@ -46,9 +46,16 @@ def _check_example(ex, where: str, task: str | None) -> dict:
     for field in ("task", "input", "output"):
         if not isinstance(ex[field], str):
             raise DataError(f"{where}: field {field!r} must be a string, got {type(ex[field]).__name__}")
+    if not ex["output"]:  # an empty target: nothing to train on or score
+        raise DataError(f"{where}: field 'output' is empty")
     opts = ex["options"]
     if not isinstance(opts, list) or not all(isinstance(o, str) for o in opts):
         raise DataError(f"{where}: field 'options' must be a list of strings")
+    if not all(opts):
+        raise DataError(f"{where}: field 'options' has an empty option: {opts!r}")
+    if need_options and not opts:
+        raise DataError(f"{where}: field 'options' is empty; evaluation scores the options of each query "
+                        "(a task without options can only be a training task)")
     if opts and ex["output"] not in opts:
         raise DataError(f"{where}: field 'output' {ex['output']!r} is not among the options {opts}")
     if task is not None and ex["task"] != task:
@@ -56,8 +63,9 @@ def _check_example(ex, where: str, task: str | None) -> dict:
     return {"task": ex["task"], "input": ex["input"], "output": ex["output"], "options": list(opts)}
 
 
-def read_jsonl(path, task: str | None = None) -> list[dict]:
-    """Read and validate a MetaICL task file; any problem raises DataError naming file:line and field."""
+def read_jsonl(path, task: str | None = None, need_options: bool = False) -> list[dict]:
+    """Read and validate a MetaICL task file; any problem raises DataError naming file:line and field.
+    need_options: every example must have options (an evaluation query)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such task file")
@@ -75,7 +83,7 @@ def read_jsonl(path, task: str | None = None) -> list[dict]:
                 ex = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            out.append(_check_example(ex, where, task))
+            out.append(_check_example(ex, where, task, need_options))
     if not out:
         raise DataError(f"{path}: empty task file (no examples)")
     return out
@@ -98,6 +106,16 @@ def _setting_path(data_dir, setting) -> Path:
                     + (f" (known: {', '.join(known)})" if known else ""))
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+
+
 def _line_of(text: str, needle: str) -> int:
     i = text.find(json.dumps(needle))
     return text.count("\n", 0, i) + 1 if i >= 0 else 1
@@ -106,7 +124,7 @@ def _line_of(text: str, needle: str) -> int:
 def load_setting(data_dir, setting: str) -> dict:
     """{"train": [...], "test": [...], "unseen_domain_test": [...]}, every task present under data_dir."""
     path = _setting_path(data_dir, setting)
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:
@@ -153,17 +171,57 @@ def load_train_tasks(data_dir, setting, seed: int = 100, fraction: float = 1.0) 
             for t in names}
 
 
+def support_size(pool_size: int, inner_steps: int) -> int:
+    """Examples of a pool of >= 2 given to the support part (K of K+1 shares); the rest form the query part."""
+    return min(max(1, round(pool_size * inner_steps / (inner_steps + 1))), pool_size - 1)
+
+
+def check_pools(train_tasks: dict[str, list[dict]], *, k: int, inner_steps: int, method: str = "maml-en-llm",
+                fraction: float = 1.0, warn=print) -> None:
+    """Refuse training pools that cannot make an instance (k distinct demonstrations + a query); warn once when
+    demonstrations will repeat. Runs before the model loads.
+
+    MAML-en-LLM splits each pool into a support part and a query part, and a query's demonstrations come from
+    its own part; the query part (~ pool / (inner_steps + 1)) is the smaller one. k >= pool is refused; k
+    >= the query part (but < pool) is allowed with one warning, since some demonstrations then repeat."""
+    low = f" after data.fraction={fraction}" if fraction < 1 else ""
+    small = []
+    for name, pool in sorted(train_tasks.items()):
+        n = len(pool)
+        if n < 2:
+            raise DataError(f"task {name!r}: {n} training example{low}; at least 2 are needed (a query and a "
+                            "demonstration, or support and query). Raise data.fraction or drop the task")
+        if k >= n:
+            raise DataError(f"data.k={k}: task {name!r} has {n} training examples{low}, so at most k={n - 1} "
+                            "distinct demonstrations besides the query; lower data.k or raise data.fraction")
+        part = n if method == "metaicl" else n - support_size(n, inner_steps)
+        if k >= part:
+            small.append(f"{name} ({n} examples, query part {part})")
+    if small:
+        warn(f"warning: data.k={k}: demonstrations will repeat within an instance for {len(small)} task(s) whose "
+             f"query part has fewer than k+1 examples: {', '.join(small[:5])}{' ...' if len(small) > 5 else ''}")
+
+
 def task_info(data_dir, task: str, examples: Sequence[dict] | None = None) -> dict:
     """{"type": ..., "domain": ...} from {data_dir}/tasks.json; without an entry the type is inferred:
     one fixed option set across examples → classification, varying options → multiple-choice, none → generation.
     """
     meta_path = Path(data_dir) / "tasks.json"
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        text = _read_text(meta_path)
+        try:
+            meta = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{meta_path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(meta, dict):
+            raise DataError(f"{meta_path}:1: expected a JSON object {{task: {{\"type\": ..., \"domain\": ...}}}}")
         if task in meta:
+            if not isinstance(meta[task], dict):
+                raise DataError(f"{meta_path}:{_line_of(text, task)}: task {task!r}: expected an object with "
+                                f"\"type\" and \"domain\", got {meta[task]!r}")
             info = dict(meta[task])
             if info.get("type") not in TASK_TYPES:
-                raise DataError(f"{meta_path}: task {task!r} field 'type' is {info.get('type')!r}, "
+                raise DataError(f"{meta_path}:{_line_of(text, task)}: task {task!r} field 'type' is {info.get('type')!r}, "
                                 f"expected one of {list(TASK_TYPES)}")
             return info
     if examples is None:
@@ -251,7 +309,7 @@ class EpisodeSampler:
     def _split(self, rng: random.Random, pool: list[dict]) -> tuple[list[int], list[int]]:
         perm = list(range(len(pool)))
         rng.shuffle(perm)
-        n_support = min(max(1, round(len(pool) * self.inner_steps / (self.inner_steps + 1))), len(pool) - 1)
+        n_support = support_size(len(pool), self.inner_steps)
         return perm[:n_support], perm[n_support:]
 
     def _collate(self, insts: list[dict]) -> dict:

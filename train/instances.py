@@ -13,6 +13,11 @@ tokens are exactly the tokens of the target string wherever it sits. Lengths:
   if still too long, the output (its end); in channel the input is still the one cut first;
 - the whole sequence is at most `max_len` tokens: the oldest tokens are dropped (left truncation).
 The "\n\n\n" separators count toward `max_len` only.
+
+Only the first `max_example_len` tokens of a text can survive, so a long text is cut before it is tokenized
+(a 20 MB line would otherwise take minutes and gigabytes): `_ids` tokenizes a prefix of the characters, long
+enough to give a margin of tokens past the limit, and widens it until it does. Tokenizers merge only locally,
+so the first tokens of the prefix are those of the whole text.
 """
 from __future__ import annotations
 
@@ -25,9 +30,21 @@ NEWLINE = "\n"
 SEPARATOR = "\n\n\n"
 
 
-def _ids(tokenizer, text: str) -> list[int]:
+PREFIX_MARGIN = 64  # tokens tokenized past the limit: the last ones of a cut text may differ from the full text's
+
+
+def _ids(tokenizer, text: str, limit: int | None = None) -> list[int]:
+    """Token ids of `text`; with `limit`, ids whose first `limit` equal those of the whole text (there may be
+    more, the caller cuts), computed from a prefix of the text when it is long."""
     if not text:
         return []
+    if limit is not None:
+        chars = 8 * (limit + PREFIX_MARGIN)  # most tokens are a few characters; widened below if not enough
+        while chars < len(text):
+            ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+            if len(ids) >= limit + PREFIX_MARGIN:
+                return list(ids)
+            chars *= 4
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -67,7 +84,8 @@ def encode_context(tokenizer, demos: Sequence[dict], *, method: str = "direct",
     nl, sep = _ids(tokenizer, NEWLINE), _ids(tokenizer, SEPARATOR)
     context: list[int] = []
     for demo in demos:
-        x, y = _fit_example(_ids(tokenizer, demo["input"]), nl, _ids(tokenizer, demo["output"]), max_example_len)
+        x, y = _fit_example(_ids(tokenizer, demo["input"], max_example_len), nl,
+                            _ids(tokenizer, demo["output"], max_example_len), max_example_len)
         first, second = (x, y) if method == "direct" else (y, x)
         context += first + nl + second + sep
     return context
@@ -79,7 +97,8 @@ def encode_query(tokenizer, query: dict, *, method: str = "direct", max_example_
     _check_method(method)
     nl = _ids(tokenizer, NEWLINE)
     out = query["output"] if target is None else target
-    x, y = _fit_example(_ids(tokenizer, query["input"]), nl, _ids(tokenizer, out), max_example_len)
+    x, y = _fit_example(_ids(tokenizer, query["input"], max_example_len), nl, _ids(tokenizer, out, max_example_len),
+                        max_example_len)
     if method == "direct":
         return x + nl, y
     return y + nl, x

@@ -6,6 +6,11 @@
 
 Each step's tasks are a function of (train.seed, step); rank r builds and adapts tasks[r::world], the engine
 all-reduces the meta-gradient, and every rank applies the same outer step. Rank 0 alone logs and saves.
+
+Reliability: rank 0 holds an exclusive lock on the output directory for the whole run (train/run_lock.py);
+workers die with their launcher (train/parent_watch.py); all ranks resume from the checkpoint rank 0 chose,
+falling back together past damaged ones (train/resume.py); data, config and model name are checked before
+the model loads.
 """
 import os
 import sys
@@ -13,6 +18,10 @@ import sys
 if __name__ == "__main__":  # run as a script: train/ must not shadow libraries (its evaluate.py vs HF `evaluate`)
     _here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # a torchrun worker: ask to die with the launcher now, not after the slow imports below
+        from mamlen.train import parent_watch
+        parent_watch.die_with_parent()
 
 import contextlib
 import datetime
@@ -23,8 +32,10 @@ import torch
 import torch.distributed as dist
 
 from mamlen.core import MetaConfig, MetaEngine
-from mamlen.train import checkpoint, config, data, evaluate, models
+from mamlen.train import checkpoint, config, data, evaluate, models, parent_watch, ranks, resume
+from mamlen.train.checkpoint import CheckpointError
 from mamlen.train.logger import Logger, peak_mem_gb
+from mamlen.train.run_lock import RunLock, RunLockError
 
 
 def setup_distributed():
@@ -32,6 +43,9 @@ def setup_distributed():
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if world > 1 or "TORCHELASTIC_RUN_ID" in os.environ:
+        # torchrun starts workers in their own session: without this they outlive a killed launcher
+        parent_watch.die_with_parent()
     if world > 1:
         if cuda:
             torch.cuda.set_device(device)
@@ -44,19 +58,24 @@ def build(cfg: config.Config, rank: int, world: int, device: torch.device):
     if cfg.train.tasks_per_step < world:
         raise config.ConfigError(f"train.tasks_per_step: {cfg.train.tasks_per_step} tasks cannot be split over "
                                  f"{world} ranks (need at least one task per rank)")
-    # data first: a bad setting or task name fails before a large model is loaded
+    # data first: a bad setting, task name or file fails before a large model is loaded
     data_dir = cfg.data.data_dir or data.DEFAULT_DATA_DIR
+    e = cfg.engine
     train_tasks = data.load_train_tasks(data_dir, cfg.data.setting, seed=cfg.data.seed, fraction=cfg.data.fraction)
+    data.check_pools(train_tasks, k=cfg.data.k, inner_steps=e.inner_steps, method=cfg.train.method,
+                     fraction=cfg.data.fraction, warn=print if rank == 0 else lambda m: None)
     eval_tasks = cfg.eval.tasks or data.load_setting(data_dir, cfg.data.setting)[cfg.eval.split]
     missing = [t for t in eval_tasks if not (Path(data_dir) / t).is_dir()] if cfg.eval.enabled else []
     if missing or (cfg.eval.enabled and not eval_tasks):
         raise config.ConfigError(f"eval.tasks: {missing or 'none'} not found in {data_dir}")
+    if cfg.eval.enabled:  # every evaluation file is read (and checked) now, not at the first evaluation
+        evaluate.check_tasks(data_dir, eval_tasks, k=cfg.eval.k, seeds=cfg.eval.seeds)
+    models.check_name(cfg.model.name)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.train.seed)  # identical random init on every rank for models built from a config
     model, tok = models.load_model(cfg.model.name, dtype=getattr(torch, cfg.model.dtype))
     model.to(device).train(cfg.model.dropout)
-    e = cfg.engine
     mcfg = MetaConfig(**{**vars(e), "autocast_dtype": e.autocast_dtype and getattr(torch, e.autocast_dtype)})
     if world > 1:  # every rank must start from rank 0's weights (before the engine copies them to master weights)
         with torch.no_grad():
@@ -93,24 +112,66 @@ def side_by_side(before: dict, after: dict) -> str:
     return "\n".join(rows)
 
 
-def train(cfg: config.Config, rank: int = 0, world: int = 1, device=torch.device("cpu")) -> int:
-    ck = checkpoint.latest(cfg.output_dir, warn=print if rank == 0 else lambda m: None)
-    if ck is None and cfg.checkpoint.resume == "require":
-        raise SystemExit(f"--resume: no usable checkpoint in {cfg.output_dir}")
-    model, tok, engine, mcfg, sampler, eval_tasks = build(cfg, rank, world, device)
-    start, skips = 0, 0
-    if ck is not None:
-        ck.load_model_(model)
-        engine.load_optimizer_state(ck.optimizer_state())
+def restore(ck: checkpoint.Checkpoint, cfg: config.Config, model, engine, sampler, rank: int, world: int,
+            say) -> None:
+    """Load `ck` into the model, the engine's moments, the sampler and this rank's RNG. Any failure raises
+    CheckpointError naming the file, and resume.load falls back to the previous checkpoint (which overwrites
+    all of these again)."""
+    for name, load in ((checkpoint.MODEL, lambda: ck.load_model_(model)),
+                       (checkpoint.OPTIMIZER, lambda: engine.load_optimizer_state(ck.optimizer_state()))):
+        try:
+            load()
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- whatever the damage, it is this file's
+            raise CheckpointError(f"{ck.path / name}: {type(e).__name__}: {e}") from None
+    try:
         sampler.load_state_dict(ck.state["sampler"])
-        start, skips = ck.step, ck.state["consecutive_skips"]
-        rngs = ck.state["rng"]
+        start, rngs = ck.step, ck.state["rng"]
+        int(ck.state["consecutive_skips"])
         if len(rngs) == world:
             checkpoint.set_rng_state(rngs[rank])
         else:  # a different world size: no saved state fits; reseed from (seed, step, rank)
             torch.manual_seed(cfg.train.seed + 1_000_003 * rank + 7_919 * start)
-            if rank == 0:
-                print(f"note: checkpoint saved by {len(rngs)} ranks, resuming on {world}: dropout RNG reseeded")
+            say(f"note: checkpoint saved by {len(rngs)} ranks, resuming on {world}: dropout RNG reseeded")
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{ck.path / checkpoint.STATE}: {type(e).__name__}: {e}") from None
+
+
+def lock_output_dir(output_dir: str, rank: int, world: int) -> RunLock | None:
+    """Rank 0 takes the output directory's lock; if it cannot, every rank stops with its message."""
+    lock, err = None, None
+    if rank == 0:
+        try:
+            lock = RunLock(output_dir).acquire()
+        except RunLockError as e:
+            err = str(e)
+    err = ranks.from_rank0(err, world)
+    if err:
+        raise RunLockError(err)
+    return lock
+
+
+def train(cfg: config.Config, rank: int = 0, world: int = 1, device=torch.device("cpu")) -> int:
+    """One run, holding the output directory's lock (rank 0) from before anything is read until it ends."""
+    lock = lock_output_dir(cfg.output_dir, rank, world)
+    try:
+        return _train(cfg, rank, world, device)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: config.Config, rank: int, world: int, device: torch.device) -> int:
+    say = print if rank == 0 else (lambda m: None)
+    plan, first = resume.plan(cfg.output_dir, cfg.checkpoint.resume, rank=rank, world=world, warn=say)
+    if first is not None:  # rank 0: the next save needs the room the last one took; say so before the model loads
+        checkpoint.check_free_space(Path(cfg.output_dir), checkpoint.size(first.path))
+    model, tok, engine, mcfg, sampler, eval_tasks = build(cfg, rank, world, device)
+    ck = resume.load(cfg.output_dir, plan, lambda c: restore(c, cfg, model, engine, sampler, rank, world, say),
+                     world=world, first=first, warn=say)
+    start, skips = (ck.step, int(ck.state["consecutive_skips"])) if ck is not None else (0, 0)
+    known = {ck.path.name: True} if ck is not None else {}  # {checkpoint: verified?}: pruning hashes each once
     log = Logger(cfg.output_dir, enabled=rank == 0, start_step=start, max_steps=cfg.train.max_steps,
                  progress=cfg.log.progress, tensorboard=cfg.log.tensorboard, log_every=cfg.log.every)
     if ck is not None:
@@ -132,8 +193,9 @@ def train(cfg: config.Config, rank: int = 0, world: int = 1, device=torch.device
         if rank == 0:
             state = {"step": step, "consecutive_skips": skips, "sampler": {**sampler.state_dict(), "step": step},
                      "rng": rngs, "world_size": world}
-            path = checkpoint.save(cfg.output_dir, step, model=model, optimizer_state=opt,
-                                   state=state, config_yaml=config.to_yaml(cfg), keep=cfg.checkpoint.keep)
+            path = checkpoint.save(cfg.output_dir, step, model=model, optimizer_state=opt, state=state,
+                                   config_yaml=config.to_yaml(cfg), keep=cfg.checkpoint.keep, known=known,
+                                   warn=log.write)
             log.write(f"saved {path}")
 
     # debugging/tests: poison the logits (hence the loss) at train.nan_steps
@@ -195,7 +257,7 @@ def main(argv=None) -> int:
     rank, world, device = setup_distributed()
     try:
         return train(cfg, rank, world, device)
-    except (config.ConfigError, data.DataError) as e:
+    except (config.ConfigError, data.DataError, CheckpointError, RunLockError, models.ModelNameError) as e:
         raise SystemExit(f"error: {e}") from None
     finally:
         with contextlib.suppress(Exception):

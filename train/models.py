@@ -8,6 +8,10 @@
   for tests: no network, no files.
 - anything else: `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained` (a hub name or a local path).
 The tokenizer always has a pad token (eos when the model has none).
+
+`check_name` tells a name that cannot load from one that can, in about a second and before anything big is
+read: a missing local directory, a hub id neither in the local cache nor on the Hub (one request, no retries;
+none at all under HF_HUB_OFFLINE=1).
 """
 from __future__ import annotations
 
@@ -43,6 +47,53 @@ def smollm2_gguf_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{SMOLLM2_PACKAGE} lists {ggufs[0]} but {path} is missing; reinstall it")
     return path
+
+
+class ModelNameError(ValueError):
+    """A model name that names nothing loadable; the message says what was looked for and where."""
+
+
+def check_name(name: str, timeout: float = 10.0) -> None:
+    """Raise ModelNameError unless `name` is a built-in name, a local model directory, a hub id cached
+    locally, or (online) a hub id the Hub knows. Costs one Hub request at most, without retries."""
+    if name in TINY:
+        return
+    if name == "smollm2":
+        try:
+            smollm2_gguf_path()
+        except FileNotFoundError as e:
+            raise ModelNameError(f"model 'smollm2': {e}") from None
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelNameError(f"model {name!r}: {path} has no config.json (not a Hugging Face model directory)")
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelNameError(f"model {name!r}: no such directory")
+    import huggingface_hub
+    from huggingface_hub import constants, errors
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except errors.HFValidationError as e:
+        raise ModelNameError(f"model {name!r}: neither a built-in name ({', '.join(('smollm2',) + TINY)}), "
+                             f"a local directory, nor a valid Hub id ({e})") from None
+    if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str):
+        return  # in the local Hugging Face cache
+    if constants.HF_HUB_OFFLINE:
+        raise ModelNameError(f"model {name!r}: not a local directory nor in the Hugging Face cache "
+                             f"({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE is set")
+    try:
+        huggingface_hub.model_info(name, timeout=timeout)
+    except errors.RepositoryNotFoundError:
+        raise ModelNameError(f"model {name!r}: no such model on the Hugging Face Hub (nor a local directory)") from None
+    except errors.GatedRepoError:
+        return  # it exists; loading says what access it needs
+    except Exception as e:  # noqa: BLE001 -- no network, DNS, proxy, timeout: say so now instead of retrying
+        raise ModelNameError(f"model {name!r}: not a local directory nor in the Hugging Face cache, and the Hub "
+                             f"cannot be reached ({type(e).__name__}: {e})") from None
 
 
 def byte_tokenizer():

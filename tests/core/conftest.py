@@ -1,4 +1,7 @@
 """Tiny random HF models and batches for the engine tests (float64 where exactness is proven)."""
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -49,3 +52,13 @@ def tiny():
     """Factories: tiny.gpt2(...), tiny.llama(...), tiny.batch(gen, ...)."""
     from types import SimpleNamespace
     return SimpleNamespace(gpt2=tiny_gpt2, llama=tiny_llama, batch=make_batch)
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """test_engine.py as a module: its float64 plain-autograd reference (ref_loss, ref_adapted, rel_err,
+    random_state) for other test files (--import-mode=importlib puts no test directory on sys.path)."""
+    spec = importlib.util.spec_from_file_location("engine_reference", Path(__file__).with_name("test_engine.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

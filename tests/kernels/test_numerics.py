@@ -21,9 +21,31 @@ SIZES = [1, 7, 1000]  # 7 and 1000: not multiples of any SIMD width / Triton blo
 def close(actual, truth, what):
     assert actual.dtype in RTOL, what
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    if actual.dtype == torch.bfloat16:
+        return close_bf16(actual, truth, what)
     rtol = RTOL[actual.dtype]
     torch.testing.assert_close(actual.double().cpu(), truth.double().cpu(), rtol=rtol,
                                atol=rtol * float(truth.abs().max()) + 1e-300, msg=lambda m: f"{what}: {m}")
+
+
+def close_bf16(actual, truth, what):
+    """Each element within one bfloat16 spacing of the float64 truth (the kernel computes in float32 and rounds
+    once), plus float32 noise where the truth cancels. A normwise 2^-7 tolerance would let a parameter update
+    smaller than 2^-7·max|p| vanish unnoticed."""
+    a, t = actual.double().cpu(), truth.double().cpu()
+    spacing = torch.exp2(torch.floor(torch.log2(t.abs().clamp_min(1e-30))) - 7)  # bf16 has 8 significant bits
+    bad = (a - t).abs() > spacing + 1e-6 * float(t.abs().max())
+    assert not bool(bad.any()), (f"{what}: {int(bad.sum())} of {t.numel()} elements off the truth by more than one "
+                                 f"bfloat16 spacing (worst {float(((a - t).abs() - spacing)[bad].max()):.3e} beyond)")
+
+
+def test_close_sees_a_missing_bfloat16_update():
+    """The check can fail: bfloat16 parameters returned unchanged by an AdamW step at lr 1e-2 are caught."""
+    p, g, m, v = data(1000, torch.bfloat16, "cpu", seed=3)
+    truth = truth_adamw(p, g, m, v, **HP, step=1)[0]
+    close(truth.to(torch.bfloat16), truth, "rounded truth")
+    with pytest.raises(AssertionError):
+        close(p, truth, "unchanged p")
 
 
 def data(n, dtype, device, seed, v_min=0.05):

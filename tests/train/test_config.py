@@ -48,6 +48,10 @@ def test_precedence_preset_file_set_flags(tmp_path):
     (["--set", "model=3"], "model: expected a mapping"),
     (["--set", "novalue"], "expected KEY=VALUE"),
     (["--max-steps", "many"], "train.max_steps: expected an integer"),
+    (["--set", "engine.autocast_dtype=float16"], "engine.autocast_dtype: float16 is refused"),
+    (["--set", "engine.hvp=fd", "--set", "engine.inner_graph=keep"], "engine.inner_graph: 'keep' only applies"),
+    (["--set", "engine.hvp=fd", "--set", "engine.autocast_dtype=bfloat16"], "engine.hvp: 'fd' under autocast"),
+    (["--set", "engine.hvp=fd", "--set", "model.dtype=bfloat16"], "engine.hvp: 'fd' with model.dtype=bfloat16"),
 ])
 def test_bad_values_name_the_field(argv, expected):
     with pytest.raises(ConfigError) as e:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mamlen.core import Task
-from mamlen.train import data
+from mamlen.train import build_suite, data
 from mamlen.train.data import DataError, EpisodeSampler
 from mamlen.train.instances import IGNORE_INDEX
 
@@ -279,7 +279,7 @@ def test_shipped_test_tasks_files():
         if m["type"] == "generation":
             continue
         tests = [data.load_task(root, task, "test", seed=s) for s in (100, 13, 21, 42, 87)]
-        assert all(t == tests[0] for t in tests) and 20 <= len(tests[0]) <= 100
+        assert all(t == tests[0] for t in tests) and 20 <= len(tests[0]) <= build_suite.TEST_CAP
         assert not {e["input"] for e in pool} & {e["input"] for e in tests[0]}  # test queries unseen in training
         for seed in (100, 13, 21, 42, 87):
             demos = data.load_task(root, task, "train", seed=seed)

@@ -21,7 +21,9 @@ def ex(i, o, opts):
 
 
 DEMOS = [ex(f"demo number {i} says", "yes" if i % 2 else "no", ["yes", "no"]) for i in range(5)]
-QUERIES = [ex("short q", "yes", ["yes", "no", "maybe so"]), ex("a much longer query " * 3, "no", ["no", "yes"])]
+# options of one token ("y" with the byte tokenizers) and of several
+QUERIES = [ex("short q", "yes", ["yes", "no", "maybe so"]), ex("a much longer query " * 3, "no", ["no", "yes"]),
+           ex("q3", "y", ["y", "n", "no"])]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,52 @@ def test_cached_batched_scores_equal_full_sequences(request, which, method, max_
     ref = _reference(model, tok, DEMOS, QUERIES, method, max_len)
     for g, r in zip(got, ref):
         assert g == pytest.approx(r, abs=1e-5)
+
+
+def test_batch_size_does_not_change_scores(tiny_llama):
+    model, tok = tiny_llama
+    ref = evaluate.score_options(model, tok, DEMOS, QUERIES, batch_size=1)
+    for bs in (2, 3, 64):
+        got = evaluate.score_options(model, tok, DEMOS, QUERIES, batch_size=bs)
+        for g, r in zip(got, ref):
+            assert g == pytest.approx(r, abs=1e-5)
+
+
+def test_query_scores_by_hand():
+    qs = [ex("a", "no", ["yes", "no", "maybe"]), ex("b", "yes", ["yes", "no"]), ex("c", "no", ["no", "yes"])]
+    losses = [[1.0, 1.5, 3.0], [0.2, 0.7], [2.0, 2.0]]
+    r = evaluate.query_scores(losses, qs)
+    assert r.nll == [1.5, 0.2, 2.0]
+    assert r.margin == [pytest.approx(-0.5), pytest.approx(0.5), 0.0]  # best wrong − gold: > 0 prefers the gold
+    assert r.correct == [False, True, True]  # a tie goes to the first option, here the gold
+    with pytest.raises(data.DataError, match="single option"):
+        evaluate.query_scores([[1.0]], [ex("d", "x", ["x"])])
+
+
+def test_continuous_metric_and_per_query(data_dir, tiny, monkeypatch):
+    """nll / margin per seed, task and macro are the means of the per-query values, which follow the losses."""
+    model, tok = tiny
+
+    def fake_scores(model, tok, demos, queries, **kw):  # loss of option j of query i: i + j (+ 1 for the gold)
+        return [[i + j + (o == q["output"]) for j, o in enumerate(q["options"])] for i, q in enumerate(queries)]
+
+    monkeypatch.setattr(evaluate, "score_options", fake_scores)
+    res = evaluate.evaluate(model, tok, data_dir, ["parity", "successor"], k=4, seeds=(100, 13), per_query=True,
+                            progress=False)
+    for task in ("parity", "successor"):
+        tests = data.read_jsonl(data.task_file(data_dir, task, "test", 4, 100), task)
+        want_nll = [i + q["options"].index(q["output"]) + 1 for i, q in enumerate(tests)]
+        want_margin = [min(i + j for j, o in enumerate(q["options"]) if o != q["output"]) - g
+                       for (i, q), g in zip(enumerate(tests), want_nll)]
+        pq = res["per_query"][task]
+        assert set(pq) == {"100", "13"}
+        assert pq["100"]["nll"] == want_nll and pq["100"]["margin"] == pytest.approx(want_margin)
+        r = res["tasks"][task]
+        assert r["nll"]["13"] == pytest.approx(sum(want_nll) / len(want_nll))
+        assert r["margin_mean"] == pytest.approx(sum(want_margin) / len(want_margin))
+    assert res["macro"]["nll"] == pytest.approx((res["tasks"]["parity"]["nll_mean"]
+                                                 + res["tasks"]["successor"]["nll_mean"]) / 2)
+    assert "per_query" not in evaluate.evaluate(model, tok, data_dir, ["parity"], k=4, seeds=(100,), progress=False)
 
 
 def test_zero_shot_scores(tiny):
@@ -137,7 +185,7 @@ def test_errors(data_dir, tiny, task_writer):
     model, tok = tiny
     task_writer(data_dir, "gen", "test", [{"input": "a", "output": "b", "options": []}])
     task_writer(data_dir, "gen", "train", [{"input": "a", "output": "b", "options": []}] * 16)
-    with pytest.raises(data.DataError, match="task 'gen'.*no options"):
+    with pytest.raises(data.DataError, match=r"gen_16_100_test.jsonl:1: field 'options' is empty"):
         evaluate.evaluate(model, tok, data_dir, ["gen"], seeds=(100,), progress=False)
     with pytest.raises(data.DataError, match="no such task file, and no parity_K_100_train.jsonl with K >= k=16"):
         evaluate.evaluate(model, tok, data_dir, ["parity"], k=16, seeds=(100,), progress=False)
@@ -164,6 +212,19 @@ def test_cli_writes_results(data_dir, tmp_path, capsys):
     assert not list(out.parent.glob("*.tmp"))  # written atomically
 
 
+def test_cli_per_query_file(data_dir, tmp_path):
+    import gzip
+
+    pq = tmp_path / "pq.json.gz"
+    res = evaluate.main(["--model", "tiny-gpt2", "--data-dir", str(data_dir), "--tasks", "parity", "--k", "4",
+                         "--seeds", "100,13", "--per-query", str(pq), "--no-progress"])
+    got = json.loads(gzip.decompress(pq.read_bytes()))
+    assert got["config"]["seeds"] == [100, 13] and set(got["per_query"]["parity"]) == {"100", "13"}
+    seed = got["per_query"]["parity"]["100"]
+    assert len(seed["nll"]) == len(seed["margin"]) == len(seed["correct"]) == res["tasks"]["parity"]["n_queries"]
+    assert sum(seed["nll"]) / len(seed["nll"]) == pytest.approx(res["tasks"]["parity"]["nll"]["100"])
+
+
 def test_cli_as_a_script_on_the_shipped_suite(tmp_path):
     out = tmp_path / "r.json"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
@@ -182,5 +243,21 @@ def test_cli_argument_errors(data_dir, capsys):
         evaluate.main(["--data-dir", str(data_dir)])  # neither --setting nor --tasks
     with pytest.raises(SystemExit):
         evaluate.main(["--data-dir", str(data_dir), "--tasks", "parity", "--seeds", "1,x"])
-    with pytest.raises(data.DataError, match="unknown setting"):
+    with pytest.raises(SystemExit, match="error: unknown setting"):  # one line, before the model loads
         evaluate.main(["--data-dir", str(data_dir), "--setting", "nope", "--model", "tiny-gpt2"])
+
+
+@pytest.mark.parametrize("hvp", ["exact", "fd"])
+def test_scores_unchanged_under_the_engines_attention(hvp):
+    """Evaluation during training runs on the attention the engine chose for its HVP mode (e.g. the tiled
+    second-order one): the cached, padded, position-shifted scoring must give the same scores there."""
+    from mamlen.core import MetaConfig, MetaEngine
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, tok = models.load_model("tiny-llama")
+    ref = _reference(model, tok, DEMOS, QUERIES, "direct", 1024)
+    MetaEngine(model, MetaConfig(hvp=hvp))
+    got = evaluate.score_options(model, tok, DEMOS, QUERIES, batch_size=2)
+    for g, r in zip(got, ref):
+        assert g == pytest.approx(r, abs=1e-5)

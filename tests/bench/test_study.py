@@ -1,0 +1,147 @@
+"""bench/study.py: the plans (arms, seeds, equal budgets), a smoke plan end to end on a tiny GPT-2 (resumable,
+skips finished runs, refuses a dirty tree, records the commit), and the paired analysis on per-query files with a
+known answer."""
+import gzip
+import importlib.util
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+_spec = importlib.util.spec_from_file_location("bench_study", Path(__file__).resolve().parents[2] / "bench" / "study.py")
+study = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = study  # dataclasses look their module up while the file executes
+_spec.loader.exec_module(study)
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_main_plan_arms_and_budgets(tmp_path):
+    plan = study.build_plan("main")
+    names = [r.name for r in plan.runs]
+    assert len(names) == len(set(names))
+    seeds = {a: {r.seed for r in plan.runs if r.arm == a} for a in study.ARMS if a != "base"}
+    assert all(len(s) >= 5 for s in seeds.values()), seeds
+    assert sum(r.arm == "base" for r in plan.runs) == 1
+    cfg = {r.name: study.run_config(plan, r, tmp_path) for r in plan.runs if r.seed == 0 and r.arm != "base"}
+    mi, ma, fo, mt = cfg["metaicl-s0"], cfg["maml-s0"], cfg["fomaml-s0"], cfg["metaicl-time-s0"]
+    assert (ma.train.method, ma.engine.hvp, ma.engine.moments) == ("maml-en-llm", "exact", "shared")
+    assert (fo.train.method, fo.engine.hvp) == ("maml-en-llm", "first_order")
+    assert mi.train.method == mt.train.method == "metaicl" and mt.train.max_steps > mi.train.max_steps
+    for c in (mi, fo):  # equal tokens: same steps, tasks per step, batch and k as MAML-en-LLM
+        assert (c.train.max_steps, c.train.tasks_per_step, c.train.batch_size, c.data.k) == \
+            (ma.train.max_steps, ma.train.tasks_per_step, ma.train.batch_size, ma.data.k)
+    assert all(c.model.dropout is False and c.model.dtype == "float32" for c in cfg.values())
+    full = plan.evals["full"]
+    assert full.k == 16 and len(full.seeds) >= 3 and full.max_queries is None
+    assert set(full.splits) == {"test", "unseen_domain_test"}
+
+
+def test_pilot_tracks_continue_in_step_order():
+    plan = study.build_plan("pilot")
+    tracks = {}
+    for r in plan.runs:
+        if r.track:
+            tracks.setdefault(r.track, []).append(r.steps)
+    assert tracks and all(s == sorted(s) and len(s) >= 4 for s in tracks.values())
+    assert any(r.arm == "base" for r in plan.runs)
+
+
+def _repo(path: Path) -> Path:
+    subprocess.run(["git", "init", "-q", str(path)], check=True)
+    (path / "f.txt").write_text("x")
+    for cmd in (["add", "f.txt"], ["-c", "user.email=a@b", "-c", "user.name=t", "commit", "-qm", "init"]):
+        subprocess.run(["git", *cmd], cwd=path, check=True)
+    return path
+
+
+def test_dirty_tree_is_refused(tmp_path):
+    root = _repo(tmp_path / "repo")
+    sha = study.require_clean(root)
+    assert len(sha) == 40
+    (root / "bench" / "results").mkdir(parents=True)
+    (root / "bench" / "results" / "r.json").write_text("{}")  # results written by runs do not count
+    assert study.require_clean(root) == sha
+    (root / "f.txt").write_text("changed")
+    with pytest.raises(SystemExit, match="uncommitted changes.*f.txt"):
+        study.require_clean(root)
+
+
+def test_smoke_plan_end_to_end(tmp_path):
+    root = _repo(tmp_path / "repo")
+    plan = study.build_plan("smoke")
+    results, work = tmp_path / "results" / "study", tmp_path / "work"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for r in plan.runs:
+            study.execute(plan, r, results, work, log=lambda m: None, root=root)
+    rec = json.loads((results / "maml-s0.json").read_text())
+    assert rec["status"] == 0 and rec["git"] == study.git_state(root)["sha"]
+    assert set(rec["evals"]) == {"test", "unseen_domain_test"}
+    assert rec["training"]["steps"] == 2 and rec["config"]["engine"]["hvp"] == "exact"
+    pq = json.loads(gzip.decompress((results / "maml-s0.pq.json.gz").read_bytes()))["per_query"]
+    task = next(iter(pq["test"]))
+    assert set(pq["test"][task]) == {"100", "13"} and len(pq["test"][task]["100"]["nll"]) == 4
+    assert not list((work / "maml-s0").glob("ckpt-*")), "checkpoints are removed once the JSON is written"
+    # the curve track: the step-1 run kept its checkpoint for step 2, which resumed from it
+    c2 = json.loads((results / "curve-metaicl-s0-step2.json").read_text())
+    assert c2["compute"]["resumed_from_step"] == 1 and c2["training"]["steps"] == 2
+    # a finished run is skipped: the JSON is returned untouched
+    mtime = (results / "maml-s0.json").stat().st_mtime_ns
+    assert study.execute(plan, plan.runs[2], results, work, root=root)["date"] == rec["date"]
+    assert (results / "maml-s0.json").stat().st_mtime_ns == mtime
+    # ... unless the plan changed under it: a finished run of other steps is not silently reused
+    with pytest.raises(SystemExit, match="different run"):
+        study.execute(study.build_plan("smoke"), study.Run("maml-s0", "maml", 0, 3), results, work, root=root)
+    comps = study.main_comparisons(results, n_boot=50)
+    assert not comps  # the smoke runs are not the main plan
+    for p in results.glob("*.json"):  # relabel them as main-plan runs: the analysis must then find every pair
+        r = json.loads(p.read_text())
+        r["plan"] = "main"
+        p.write_text(json.dumps(r))
+    comps = study.main_comparisons(results, n_boot=50)
+    pairs = {(c.arm, c.ref) for c in comps}
+    assert {("metaicl", "base"), ("maml", "base"), ("maml", "metaicl")} <= pairs
+    assert all(len(c.seeds) == 2 and c.p_holm is not None for c in comps if c.ref != "base" or c.arm == "maml")
+    text = study.report(results, tmp_path / "report.md", n_boot=50)
+    assert "| MAML-en-LLM − MetaICL |" in text and "MDE" in text
+
+
+def _write_pq(results, name, arm, seed, values, plan="main"):
+    """values: {task: per-query nll list}; margin = −nll, identical for both demonstration seeds."""
+    pq = {"test": {t: {s: {"nll": v, "margin": [-x for x in v], "correct": [True] * len(v)} for s in ("1", "2")}
+                   for t, v in values.items()}}
+    study._write(results / f"{name}.pq.json.gz", {"per_query": pq})
+    study._write(results / f"{name}.json", {"name": name, "plan": plan, "arm": arm, "status": 0, "evals": {},
+                                            "run": {"seed": seed, "steps": 1, "track": ""}})
+
+
+def test_analysis_known_answer(tmp_path):
+    import numpy as np
+
+    results = tmp_path / "study"
+    base = {"a": [1.0, 2.0, 3.0], "b": [0.5, 0.5]}
+    _write_pq(results, "base", "base", 0, base)
+    shifts = {0: 0.1, 1: 0.3, 2: 0.2}  # seed s lowers every NLL by shifts[s] on task a and 2*shifts[s] on b
+    for s, d in shifts.items():
+        _write_pq(results, f"metaicl-s{s}", "metaicl", s, {"a": [x - d for x in base["a"]],
+                                                           "b": [x - 2 * d for x in base["b"]]})
+    res = study.load_results(results)
+    c = study.compare(results, res, "metaicl", "base", "test", "nll", n_boot=200)
+    want = [1.5 * d for d in shifts.values()]  # macro over tasks a, b of (d, 2d)
+    assert c.per_seed == pytest.approx(want)
+    assert c.t.mean == pytest.approx(np.mean(want)) and c.t.sd == pytest.approx(np.std(want, ddof=1))
+    m = study.compare(results, res, "metaicl", "base", "test", "margin", n_boot=200)
+    assert m.per_seed == pytest.approx(want)  # margin = −nll here: the same improvement, sign handled
+    assert c.boot.low <= c.t.mean <= c.boot.high
