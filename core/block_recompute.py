@@ -114,23 +114,28 @@ def _leaves(xs):
     return [x.detach().requires_grad_(True) for x in xs]
 
 
-def _vjp(call, x, params, y_bar, *, create_graph):
-    """Recompute y = f(x; params) with fresh leaves; returns (x leaf, param leaves, x̄, [θ̄_b]) for cotangent ȳ."""
-    lx, lp = x.detach().requires_grad_(True), _leaves(params)
+def _vjp(call, x, params, y_bar, *, create_graph, wrt_params=True):
+    """Recompute y = f(x; params) with fresh leaves; returns (x leaf, param leaves, x̄, [θ̄_b]) for cotangent ȳ
+    (without wrt_params only x̄ is computed: the weight-gradient half of the backward is skipped)."""
+    lx = x.detach().requires_grad_(True)
+    lp = _leaves(params) if wrt_params else [p.detach() for p in params]
     with torch.enable_grad(), call.replay():
         y = call.run(lx, lp)
-        grads = torch.autograd.grad(y, [lx] + lp, y_bar, create_graph=create_graph, allow_unused=True)
+        grads = torch.autograd.grad(y, [lx] + (lp if wrt_params else []), y_bar, create_graph=create_graph,
+                                    allow_unused=True)
     return lx, lp, grads[0], list(grads[1:])
 
 
 class _BlockBackward(torch.autograd.Function):
-    """(x, ȳ, θ_b) -> (x̄, s_b = ⟨θ̄_b, v_b⟩): the block's first backward, itself differentiable one block at a time."""
+    """(x, ȳ, θ_b) -> (x̄, s_b = ⟨θ̄_b, v_b⟩): the block's first backward, itself differentiable one block at a time.
+
+    Only the derivative of s_b is ever used (the HVP is ∇ of the sum of the shares), never its value: forward
+    returns s_b = 0 and skips θ̄_b, saving the weight-gradient half of this recomputation's backward."""
 
     @staticmethod
     def forward(ctx, scope, call, vec, x, y_bar, *params):
-        _, _, x_bar, p_bar = _vjp(call, x, params, y_bar, create_graph=False)
-        s = sum((torch.vdot(g.reshape(-1), v.reshape(-1).to(g.dtype)) for g, v in zip(p_bar, vec)
-                 if g is not None and v is not None), x.new_zeros(()))
+        _, _, x_bar, _ = _vjp(call, x, params, y_bar, create_graph=False, wrt_params=False)
+        s = x.new_zeros(())  # a stand-in value (see the class docstring); backward differentiates the true s_b
         ctx.scope, ctx.call, ctx.vec = scope, call, vec
         ctx.save_for_backward(x, y_bar, *params)
         return torch.zeros_like(x) if x_bar is None else x_bar, s
@@ -262,7 +267,9 @@ def hvp_(loss_fn, blocks: list[nn.Module], leaves: list[torch.Tensor], vec: list
                 raise RuntimeError(f"blockwise HVP: {len(scope.shares)} of {len(blocks)} blocks were reached by the "
                                    "backward pass (is a block called twice, or not on the path to the loss?)")
             del loss
-            total = sum(scope.shares + state["shares"])  # ⟨∇L, v⟩ as a differentiable scalar
+            # ⟨∇L, v⟩ as a differentiable scalar (its value is not: the blocks' shares are stand-ins, only the
+            # gradient of each share is right, and only the gradient is used)
+            total = sum(scope.shares + state["shares"])
             scope.shares.clear()
             state["shares"].clear()
             state["create_graph"] = False
