@@ -55,6 +55,17 @@ class _TaskResult:
     tokens: int               # target tokens of the query and the support batches
 
 
+@dataclass
+class _InnerStep:
+    """What the reverse pass needs of inner step j (DESIGN.md notation)."""
+    phi: list                # φ_{j-1}, where g_j was taken and H_{S_j} is evaluated
+    g: list                  # g_j = ∇L_{S_j}(φ_{j-1}); the adjoint writes ḡ over it
+    m: Optional[list]        # m_j, v_j; None at j = 1 (recomputed from m_0, v_0, g_1 chunk by chunk)
+    v: Optional[list]
+    rng: RngState            # the dropout masks of L_{S_j}
+    kept: Optional[tuple]    # inner_graph="keep": (g_j with its graph, leaves)
+
+
 # the per-step sums reduced across ranks with G: [tasks, L_Q(φ_K), L_S1(θ), tokens, L_Q(θ)]
 _STATS = ("tasks", "query_loss", "support_loss", "tokens", "query_loss_before")
 
@@ -211,7 +222,7 @@ class MetaEngine:
             with torch.no_grad(), q_rng.replay():
                 q_before = float(obj.loss(query))
 
-        # forward: K inner steps. tape[j] = (φ_{j-1}, g_j, m_j, v_j, rng_j, kept graph). φ lives in the state
+        # forward: K inner steps, one _InnerStep record each on the tape. φ lives in the state
         # dtype: an inner step of bfloat16 weights would mostly round away (at lr 1e-5, most N(0, 0.02) weights
         # do not move) while the adjoint differentiates the unrounded map; the model sees φ cast to its dtype
         phi = [f if f.dtype == _sd(f.dtype) else f.to(_sd(f.dtype)) for f in self.arena.flats]
@@ -240,7 +251,8 @@ class MetaEngine:
             else:
                 phi_new = [kernels.inner_sgd_forward(p, gi, lr=cfg.inner_lr, weight_decay=cfg.inner_weight_decay)
                            for p, gi in zip(phi, g)]
-            tape.append((phi, g, m if adamw and j > 1 else None, v if adamw and j > 1 else None, rng, kept))
+            tape.append(_InnerStep(phi=phi, g=g, m=m if adamw and j > 1 else None, v=v if adamw and j > 1 else None,
+                                   rng=rng, kept=kept))
             phi = phi_new
         # no name but the tape may keep a step's buffers: the reverse pass frees each as soon as it is dead
         del m, v, phi_new, g, kept
@@ -256,7 +268,9 @@ class MetaEngine:
         # m̄, v̄ over m_j, v_j (read lane by lane before written). m̄ = v̄ = 0 at j = K: one zero buffer.
         m_bar = v_bar = None
         for j in range(len(supports), 0, -1):
-            phi_prev, g, m_j, v_j, rng, kept = tape.pop()
+            step = tape.pop()
+            phi_prev, g, m_j, v_j, rng, kept = step.phi, step.g, step.m, step.v, step.rng, step.kept
+            del step  # the names below own the buffers: each is freed as soon as it is dead
             if adamw and j == 1:
                 g_bar = self._first_adjoint_step(phi_prev, g, p_bar, m_bar, v_bar, kept, step=t0 + 1)
                 m_bar = v_bar = None
