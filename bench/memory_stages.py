@@ -11,6 +11,7 @@ With --blocks (exact), RSS is also sampled as the HVP's second backward enters a
 Units: one flat float32 buffer of all parameters. Linux only.
 """
 import argparse
+import time
 
 import torch
 import transformers
@@ -38,30 +39,44 @@ def main(argv=None):
     ap.add_argument("--hvp", default="exact", choices=["exact", "mixed", "fd", "first_order"])
     ap.add_argument("--moments-bits", type=int, default=32, choices=[32, 8])
     ap.add_argument("--blocks", action="store_true", help="exact: RSS entering/leaving each block's second backward")
+    ap.add_argument("--checkpointing", action="store_true", help="MetaConfig.checkpointing (every pass)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="measure the first step (no warm-up step): for shapes where one step takes many minutes")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_embd=args.width, n_head=args.width // 64, n_layer=args.layers,
                                   vocab_size=args.vocab, n_positions=max(128, args.seq), bos_token_id=0,
                                   eos_token_id=0, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
     model = transformers.GPT2LMHeadModel(cfg)
-    engine = MetaEngine(model, MetaConfig(hvp=args.hvp, moments_bits=args.moments_bits))
+    engine = MetaEngine(model, MetaConfig(hvp=args.hvp, moments_bits=args.moments_bits,
+                                          checkpointing=args.checkpointing))
     ids = torch.randint(0, args.vocab, (1, args.seq))
     labels = ids.clone()
     labels[:, : args.seq // 2] = -100
     batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
     tasks = [Task(support=[batch], query=dict(batch))]
-    engine.step(tasks)  # warm-up: allocator and lazy initialisation
     unit = engine.arena.numel * 4
+    print(f"GPT-2 width {args.width}, {args.layers} layers, vocab {args.vocab}, T = {args.seq}, hvp={args.hvp}"
+          f"{', checkpointing' if args.checkpointing else ''}: {engine.arena.numel / 1e6:.1f} M parameters; unit = "
+          f"{unit / 2**30:.3f} GiB (one float32 parameter buffer); RSS after building {_status()[0] / 2**30:.2f} GiB",
+          flush=True)
+    if not args.no_warmup:
+        engine.step(tasks)  # warm-up: allocator and lazy initialisation
     rows, block_rows = [], []
 
     def measured(orig, name):
         def wrapped(*a, **k):
             before, _ = _status()
             _reset_peak()
+            c0 = time.process_time()
             out = orig(*a, **k)
             after, peak = _status()
             rows.append((name, before / unit, peak / unit, after / unit))
+            # as it happens (a long run may be stopped): GiB and CPU seconds too
+            print(f"  {name}: RSS {before / 2**30:.2f} -> peak {peak / 2**30:.2f} -> {after / 2**30:.2f} GiB, "
+                  f"{time.process_time() - c0:.0f} CPU s", flush=True)
             return out
         return wrapped
 
@@ -76,9 +91,9 @@ def main(argv=None):
             block_rows.append((before / unit, _status()[0] / unit))
             return out
         block_recompute._BlockBackward.backward = staticmethod(sampled)
+    c0 = time.process_time()
     engine.step(tasks)
-    print(f"GPT-2 width {args.width}, {args.layers} layers, vocab {args.vocab}, T = {args.seq}, hvp={args.hvp}: "
-          f"{engine.arena.numel / 1e6:.1f} M parameters; unit = {unit / 2**30:.3f} GiB (one float32 parameter buffer)")
+    print(f"step: {time.process_time() - c0:.0f} CPU s")
     print("| call (in order) | RSS before | peak during | RSS after |\n|---|---:|---:|---:|")
     for name, b, p, a in rows:
         print(f"| {name} | {b:.2f} | {p:.2f} | {a:.2f} |")
