@@ -12,10 +12,10 @@ Per task i (support batches S_1..S_K, query Q), starting from φ_0 = θ and the 
 Memory: per task the forward keeps, per inner step, φ_{j-1} (for j ≥ 2), g_j, and m_j, v_j for j ≥ 2 — m_1, v_1 are
 recomputed in the reverse pass from m_0, v_0 (the shared moments, read in chunks: 8-bit moments are never
 dequantised whole) — and no autograd graph (inner_graph="recompute"). The reverse pass runs the adjoint in place
-over the tape (p̄ in place, ḡ over g_j, m̄/v̄ over m_j/v_j) and frees each buffer as soon as it is dead; the exact
-HVP is taken per parameter (no flat assembly). At K = 1 the HVP runs with θ, m, v, p̄ (= G for the first task),
-ḡ plus its own graph. At most one second-order graph is alive at any time (bench/memory_stages.py shows the
-peak of each stage).
+over the tape (p̄ in place, ḡ over g_j, m̄/v̄ over m_j/v_j) and frees each buffer as soon as it is dead; every HVP
+adds into p̄ parameter by parameter (core/hvp.py). At K = 1 the HVP runs with θ, m, v, p̄ (= G for the first task),
+ḡ plus one transformer block's second-order graph at a time (exact: core/block_recompute.py); the step's peak is
+the query gradient (θ, m, v, g_1, φ_1 and the gradient being filled; bench/memory_stages.py shows each stage).
 """
 from __future__ import annotations
 
