@@ -37,9 +37,9 @@ def run_one(impl, T, layers, checkpoint, repeat, seed=0):
     import transformers
     from torch.utils.checkpoint import checkpoint as ckpt
 
-    from mamlen.core import tiled_attention
+    from mamlen.core import hf_attention
 
-    tiled_attention.register()
+    hf_attention.register()
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(n_embd=1024, n_head=16, n_layer=layers, n_positions=max(1024, T),
                                   attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
@@ -71,7 +71,7 @@ def run_attention_only(impl, T, repeat, heads=16, head_dim=64, layers=4):
     """Just `layers` stacked attention calls (no projections, MLP or LM head): the T-dependence in isolation."""
     import torch
 
-    from mamlen.core.tiled_attention import tiled_attention
+    from mamlen.core.attention_ops import tiled_attention
 
     def eager(q, k, v):
         s = (q @ k.transpose(-1, -2)) * head_dim ** -0.5
@@ -107,7 +107,7 @@ def run_dense_ab(Ts, rounds=15, heads=9, kv_heads=3, head_dim=64):
     median ms; one thread."""
     import torch
 
-    from mamlen.core.tiled_attention import DENSE_MAX_SCORES, tiled_attention
+    from mamlen.core.attention_ops import DENSE_MAX_SCORES, tiled_attention
 
     torch.set_num_threads(1)
 

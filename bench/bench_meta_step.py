@@ -246,7 +246,7 @@ def worker(shape: Shape, mode: str, device: str, out: str, save_g: str | None, r
                          attn_implementation="eager" if variant == "eager" else None, **HP)
         engine = MetaEngine(model, cfg)
         engine.load_optimizer_state(state)
-        attn = engine.attn_implementation
+        attn = str(engine.attention)
         if base == "metaicl":
             grad_fn, step_fn = None, lambda my: engine.metaicl_step([b for t in my for b in (*t.support, t.query)])
         else:

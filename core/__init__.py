@@ -11,9 +11,9 @@ from mamlen.core.fsdp_engine import FSDPMetaEngine
 from mamlen.core.loss import causal_lm_loss
 
 try:  # the second-order attention registers itself with transformers as "mamlen"
-    from mamlen.core import tiled_attention as _tiled_attention
-    _tiled_attention.register()
-except ImportError:  # not built yet in this checkout
+    from mamlen.core import hf_attention as _hf_attention
+    _hf_attention.register()
+except ImportError:  # transformers without the attention registry
     pass
 
 __all__ = ["MetaConfig", "MetaEngine", "FSDPMetaEngine", "Task", "ParamArena", "causal_lm_loss", "HVP_MODES"]

@@ -9,6 +9,7 @@ weights. RNG state is preserved by checkpoint itself, so dropout masks match.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -67,3 +68,21 @@ def disable(model: nn.Module) -> None:
 
 def is_enabled(model: nn.Module) -> bool:
     return any(hasattr(m, _ATTR) for m in model.modules())
+
+
+def original_forward(block: nn.Module):
+    """The block's forward without our checkpoint wrapper (what a per-block recomputation must call)."""
+    return getattr(block, _ATTR, block.forward)
+
+
+@contextlib.contextmanager
+def enabled(model: nn.Module):
+    """Checkpointing on for the duration (e.g. one HVP pass); left as found afterwards."""
+    was = is_enabled(model)
+    if not was:
+        enable(model)
+    try:
+        yield
+    finally:
+        if not was:
+            disable(model)

@@ -75,7 +75,7 @@ class ParamArena:
         return out
 
     def views(self, flats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """{param name: view of `flats` shaped like that parameter}."""
+        """{param name: view of `flats` shaped like that parameter}, in packing order."""
         out = {}
         for i, flat in enumerate(flats):
             # one split, not one slice per parameter: a slice's backward materialises a zero tensor the size of
@@ -112,13 +112,14 @@ class ParamArena:
 
     # -- binding ------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def bind(self, flats: list[torch.Tensor]):
-        """Make the model compute with views of `flats` instead of its parameters, for the duration.
+    def bind(self, flats):
+        """Make the model compute with views of `flats` (flat buffers, or {name: tensor} shaped like the
+        parameters, e.g. one autograd leaf per parameter) instead of its parameters, for the duration.
 
         Backward passes that may recompute activations (checkpointing) must run inside the same `bind`.
         A flat wider than its parameters' dtype (float32 φ of bfloat16 parameters) is seen by the model through a
         differentiable cast to that dtype; the views yielded (what derivatives are taken against) stay uncast."""
-        views = self.views(flats)
+        views = dict(flats) if isinstance(flats, dict) else self.views(flats)
         seen = {n: v if v.dtype == self.dtypes[self.slots[n].flat] else v.to(self.dtypes[self.slots[n].flat])
                 for n, v in views.items()}  # one cast per name: tied parameters stay one tensor
         saved = [(mod, key, mod._parameters[key]) for mod, key, _ in self._holders]

@@ -12,10 +12,10 @@ Per task i (support batches S_1..S_K, query Q), starting from φ_0 = θ and the 
 Memory: per task the forward keeps, per inner step, φ_{j-1} (for j ≥ 2), g_j, and m_j, v_j for j ≥ 2 — m_1, v_1 are
 recomputed in the reverse pass from m_0, v_0 (the shared moments, read in chunks: 8-bit moments are never
 dequantised whole) — and no autograd graph (inner_graph="recompute"). The reverse pass runs the adjoint in place
-over the tape (p̄ in place, ḡ over g_j, m̄/v̄ over m_j/v_j) and frees each buffer as soon as it is dead; the exact
-HVP is taken per parameter (no flat assembly). At K = 1 the HVP runs with θ, m, v, p̄ (= G for the first task),
-ḡ plus its own graph. At most one second-order graph is alive at any time (bench/memory_stages.py shows the
-peak of each stage).
+over the tape (p̄ in place, ḡ over g_j, m̄/v̄ over m_j/v_j) and frees each buffer as soon as it is dead; every HVP
+adds into p̄ parameter by parameter (core/hvp.py). At K = 1 the HVP runs with θ, m, v, p̄ (= G for the first task),
+ḡ plus one transformer block's second-order graph at a time (exact: core/block_recompute.py); the step's peak is
+the query gradient (θ, m, v, g_1, φ_1 and the gradient being filled; bench/memory_stages.py shows each stage).
 """
 from __future__ import annotations
 
@@ -55,6 +55,17 @@ class _TaskResult:
     tokens: int               # target tokens of the query and the support batches
 
 
+@dataclass
+class _InnerStep:
+    """What the reverse pass needs of inner step j (DESIGN.md notation)."""
+    phi: list                # φ_{j-1}, where g_j was taken and H_{S_j} is evaluated
+    g: list                  # g_j = ∇L_{S_j}(φ_{j-1}); the adjoint writes ḡ over it
+    m: Optional[list]        # m_j, v_j; None at j = 1 (recomputed from m_0, v_0, g_1 chunk by chunk)
+    v: Optional[list]
+    rng: RngState            # the dropout masks of L_{S_j}
+    kept: Optional[tuple]    # inner_graph="keep": (g_j with its graph, leaves)
+
+
 # the per-step sums reduced across ranks with G: [tasks, L_Q(φ_K), L_S1(θ), tokens, L_Q(θ)]
 _STATS = ("tasks", "query_loss", "support_loss", "tokens", "query_loss_before")
 
@@ -67,8 +78,8 @@ class MetaEngine:
     """Meta-gradients and meta-steps for `model` with the optimizer state (step, exp_avg, exp_avg_sq) it owns.
 
     Building the engine packs the model's trainable parameters into flat buffers (the model stays usable as
-    before: its parameters are views into them), chooses the attention implementation for `config.hvp`
-    (core/attention.py) and applies activation checkpointing if asked.
+    before: its parameters are views into them), chooses the attention implementations for `config.hvp`
+    (core/attention.py: the model rests on the fastest first-order one) and applies activation checkpointing if asked.
     """
 
     def __init__(self, model, config: Optional[MetaConfig] = None, *, loss_fn: Optional[Callable] = None,
@@ -79,7 +90,7 @@ class MetaEngine:
         if self.config.fsdp:
             raise ValueError("MetaConfig.fsdp=True: build mamlen.core.FSDPMetaEngine (MetaEngine keeps full parameters)")
         self.group = process_group
-        self.attn_implementation = attention.configure(model, self.config.hvp, self.config.attn_implementation)
+        self.attention = attention.configure(model, self.config.hvp, self.config.attn_implementation)
         if self.config.hvp == "mixed":
             forward_ad.make_forward_differentiable(model)
         if self.config.checkpointing:
@@ -209,7 +220,7 @@ class MetaEngine:
             with torch.no_grad(), q_rng.replay():
                 q_before = float(obj.loss(query))
 
-        # forward: K inner steps. tape[j] = (φ_{j-1}, g_j, m_j, v_j, rng_j, kept graph). φ lives in the state
+        # forward: K inner steps, one _InnerStep record each on the tape. φ lives in the state
         # dtype: an inner step of bfloat16 weights would mostly round away (at lr 1e-5, most N(0, 0.02) weights
         # do not move) while the adjoint differentiates the unrounded map; the model sees φ cast to its dtype
         phi = [f if f.dtype == _sd(f.dtype) else f.to(_sd(f.dtype)) for f in self.arena.flats]
@@ -217,13 +228,15 @@ class MetaEngine:
         s_first = None
         for j, batch in enumerate(supports, start=1):
             rng = RngState(self.arena.device)
-            if keep:
-                loss, g_graph, leaves = hvp.gradient(obj, phi, batch, rng, create_graph=True)
-                g = [x.detach() for x in g_graph]
-                kept = (g_graph, leaves)
-            else:
-                loss, g = hvp.gradient(obj, phi, batch, rng)
-                kept = None
+            # exact / mixed differentiate this loss again in the reverse pass: same attention (and dropout masks)
+            with attention.using(self.model, self.attention.second_order):
+                if keep:
+                    loss, g_graph, leaves = hvp.gradient(obj, phi, batch, rng, create_graph=True)
+                    g = [x.detach() for x in g_graph]
+                    kept = (g_graph, leaves)
+                else:
+                    loss, g = hvp.gradient(obj, phi, batch, rng)
+                    kept = None
             s_first = float(loss) if s_first is None else s_first
             if adamw:
                 hp = dict(lr=cfg.inner_lr, beta1=b1, beta2=b2, eps=cfg.eps, weight_decay=cfg.inner_weight_decay,
@@ -236,7 +249,8 @@ class MetaEngine:
             else:
                 phi_new = [kernels.inner_sgd_forward(p, gi, lr=cfg.inner_lr, weight_decay=cfg.inner_weight_decay)
                            for p, gi in zip(phi, g)]
-            tape.append((phi, g, m if adamw and j > 1 else None, v if adamw and j > 1 else None, rng, kept))
+            tape.append(_InnerStep(phi=phi, g=g, m=m if adamw and j > 1 else None, v=v if adamw and j > 1 else None,
+                                   rng=rng, kept=kept))
             phi = phi_new
         # no name but the tape may keep a step's buffers: the reverse pass frees each as soon as it is dead
         del m, v, phi_new, g, kept
@@ -252,7 +266,9 @@ class MetaEngine:
         # m̄, v̄ over m_j, v_j (read lane by lane before written). m̄ = v̄ = 0 at j = K: one zero buffer.
         m_bar = v_bar = None
         for j in range(len(supports), 0, -1):
-            phi_prev, g, m_j, v_j, rng, kept = tape.pop()
+            step = tape.pop()
+            phi_prev, g, m_j, v_j, rng, kept = step.phi, step.g, step.m, step.v, step.rng, step.kept
+            del step  # the names below own the buffers: each is freed as soon as it is dead
             if adamw and j == 1:
                 g_bar = self._first_adjoint_step(phi_prev, g, p_bar, m_bar, v_bar, kept, step=t0 + 1)
                 m_bar = v_bar = None
@@ -275,20 +291,13 @@ class MetaEngine:
                 del outs
             del g, m_j, v_j  # this step's tape entries are no longer needed
             batch = supports[j - 1]
-            if cfg.hvp == "exact":
-                hvp.hvp_exact_into(obj, phi_prev, batch, rng, g_bar, p_bar, kept=kept)
-                hv = kept = None
-            elif cfg.hvp == "mixed":
-                hv = hvp.hvp_mixed(obj, phi_prev, batch, rng, g_bar, self._forward_ad)
-            elif cfg.hvp == "fd":
-                hvp.hvp_fd_into(obj, phi_prev, batch, rng, g_bar, p_bar, fd_eps=cfg.fd_eps)
-                hv = None
-            else:
-                hv = None
-            if hv is not None:
-                for k in range(len(p_bar)):
-                    p_bar[k].add_(hv[k])
-            del phi_prev, g_bar, hv
+            with attention.using(self.model, self.attention.second_order):  # p̄ += H_{S_j}(φ_{j-1}) ḡ
+                if kept is not None:
+                    hvp.kept_(obj, kept, rng, g_bar, p_bar)
+                else:
+                    hvp.MODES[cfg.hvp](obj, phi_prev, batch, rng, g_bar, p_bar,
+                                       hvp.Options(fd_eps=cfg.fd_eps, forward_ad=self._forward_ad))
+            del phi_prev, g_bar, kept
         if not G:
             G.extend(p_bar)
         else:

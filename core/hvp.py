@@ -1,16 +1,26 @@
-"""The four ways to get H_S(φ)·ḡ, the only non-elementwise term of the reverse recursion (DESIGN.md).
+"""H_S(φ)·ḡ, the only non-elementwise term of the reverse recursion (DESIGN.md), four ways behind one contract:
 
-Each function evaluates the support loss L_S at flat weights φ (a list, one buffer per dtype) with the RNG
-state of the forward pass (same dropout masks) and returns H·ḡ as fresh flat buffers in the state dtype.
+    MODES[mode](obj, φ, batch, rng, vec, acc, opts)      acc += H_S(φ)·vec, parameter by parameter
 
-  exact  reverse-over-reverse: g = ∇L(φ) with create_graph, then ∇⟨g, ḡ⟩. Passes: 1 forward, 1 backward
-         that records its own graph, 1 backward through both. Memory: the activations plus the first
-         backward's graph, alive only inside this call (inner_graph="recompute").
-  mixed  forward-over-reverse: φ carries the tangent ḡ (torch.autograd.forward_ad); the gradient's tangent is
-         H·ḡ. Passes: 1 forward + 1 backward, each with tangents (≈2× the work); no second tape.
-  fd     central difference (∇L(φ + rḡ) - ∇L(φ - rḡ)) / 2r, r = fd_eps/‖ḡ‖. Passes: 2 first-order gradients;
-         no second-order graph at all, so any first-order attention kernel works. Error O(r²‖∇³L‖).
-  first_order  H·ḡ := 0 (FOMAML through the AdamW inner step).
+φ, vec, acc are flat buffers (one per dtype; acc in the state dtype). Every mode evaluates the support loss L_S at
+φ with the RNG state of its first evaluation (same dropout masks) and never assembles H·vec, or a first-order
+gradient, as a whole parameter-sized buffer: each parameter's piece is added into acc as it arrives.
+
+  exact        reverse-over-reverse, one transformer block at a time (core/block_recompute.py): each block's
+               second-order graph is built, used and freed inside its own backward. Passes: 1 forward, then per
+               block 3 recomputations (≈1.5x the arithmetic of a whole-graph double backward). Memory: one
+               block's second-order graph + O(T·width) per block.
+  mixed        forward-over-reverse: φ carries the tangent vec (torch.autograd.forward_ad), the gradient's tangent
+               is H·vec; blocks are checkpointed for the pass (non-reentrant checkpointing composes with dual
+               tensors), so one block's dual graph is alive at a time. Passes: 1 dual forward + 1 dual backward
+               with per-block dual recomputation. A model whose backward lacks forward AD gets `exact` (warned
+               once per engine).
+  fd           central difference (∇L(φ + r vec) - ∇L(φ - r vec)) / 2r, r = fd_eps/‖vec‖: 2 first-order
+               gradients, no second-order graph, so any first-order attention kernel works. Error O(r²‖∇³L‖).
+  first_order  adds nothing (FOMAML through the AdamW inner step).
+
+`kept_` is the HVP through a graph built in the forward pass (inner_graph="keep"): whole-model memory traded for
+one forward less; not a mode.
 """
 from __future__ import annotations
 
@@ -22,62 +32,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from mamlen import kernels
+from mamlen.core import activation_checkpoint, block_recompute
 from mamlen.core.loss import Objective, RngState
-
-
-def _leaves(flats):
-    return [f.detach().requires_grad_(True) for f in flats]
-
-
-def gradient(obj: Objective, flats, batch, rng: RngState, *, create_graph=False):
-    """(loss, [∇L(φ)]) at φ = flats. With create_graph the graph is returned alive: (loss, grads, leaves)."""
-    leaves = _leaves(flats)
-    with rng.replay(), obj.arena.bind(leaves):
-        loss = obj.loss(batch)
-        grads = torch.autograd.grad(loss, leaves, create_graph=create_graph)
-    if create_graph:
-        return loss.detach(), list(grads), leaves
-    return loss.detach(), list(grads)
-
-
-def hvp_exact_into(obj, flats, batch, rng, vec, acc, *, kept=None):
-    """acc += ∇⟨∇L(φ), vec⟩, per parameter: both derivatives are taken w.r.t. the parameter views (not the flat
-    leaves), so neither the first gradient nor the HVP is assembled into a flat buffer (two parameter-sized
-    buffers fewer at the peak of the step). `kept`: see hvp_exact."""
-    if kept is not None:
-        for a, h in zip(acc, hvp_exact(obj, flats, batch, rng, vec, kept=kept)):
-            a.add_(h)
-        return
-    leaves = _leaves(flats)
-    arena = obj.arena
-    names = [n for group in arena.names for n in group]
-    vec_views, acc_views = arena.views(vec), arena.views(acc)
-    with rng.replay(), arena.bind(leaves) as views:
-        inputs = [views[n] for n in names]
-        loss = obj.loss(batch)
-        grads = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
-        used = [k for k, g in enumerate(grads) if g is not None and g.requires_grad]
-        hv = torch.autograd.grad([grads[k] for k in used], [inputs[k] for k in used],
-                                 grad_outputs=[vec_views[names[k]].to(grads[k].dtype) for k in used],
-                                 allow_unused=True)
-    del loss, grads, inputs, views, leaves  # the second-order graph
-    for k, h in zip(used, hv):
-        if h is not None:
-            acc_views[names[k]].add_(h)
-
-
-def hvp_exact(obj, flats, batch, rng, vec, *, kept=None):
-    """∇⟨∇L(φ), vec⟩. `kept` = (grads, leaves) of a graph built in the forward pass (inner_graph="keep")."""
-    if kept is None:
-        _, grads, leaves = gradient(obj, flats, batch, rng, create_graph=True)
-    else:
-        grads, leaves = kept
-    # the double backward may recompute checkpointed blocks: it must see the same weights and RNG
-    with rng.replay(), obj.arena.bind(leaves):
-        hv = torch.autograd.grad(grads, leaves, grad_outputs=[v.to(g.dtype) for v, g in zip(vec, grads)],
-                                 allow_unused=True)
-    del grads, leaves  # frees the second-order graph before the caller continues
-    return [torch.zeros_like(v) if h is None else h.to(v.dtype) for h, v in zip(hv, vec)]
 
 
 @dataclass
@@ -87,34 +43,121 @@ class ForwardAD:
     supported: bool = True
 
 
-def hvp_mixed(obj, flats, batch, rng, vec, forward_ad: ForwardAD):
-    """Tangent of ∇L at φ in direction vec: one dual forward + backward (forward-over-reverse).
-    A model whose backward meets an op without a forward-AD formula gets the exact HVP instead (warned once per
-    `forward_ad` record)."""
-    if forward_ad.supported:
+@dataclass
+class Options:
+    """What some modes need besides the contract's arguments."""
+    fd_eps: float = 1e-3              # fd: the probe's norm in parameter units
+    forward_ad: ForwardAD = None      # mixed: this engine's fallback record
+
+    def __post_init__(self):
+        self.forward_ad = self.forward_ad or ForwardAD()
+
+
+def _leaves(flats):
+    return [f.detach().requires_grad_(True) for f in flats]
+
+
+def gradient(obj: Objective, flats, batch, rng: RngState, *, create_graph=False):
+    """(loss, [∇L(φ)]) at φ = flats, as fresh flat buffers. With create_graph the graph is returned alive:
+    (loss, grads, leaves).
+
+    Without create_graph, each parameter's gradient is copied into the output as it arrives and dropped: one
+    parameter-sized buffer at the peak (differentiating w.r.t. the flat buffer held every parameter's gradient
+    until their concatenation: two)."""
+    if create_graph:
+        leaves = _leaves(flats)
+        with rng.replay(), obj.arena.bind(leaves):
+            loss = obj.loss(batch)
+            grads = torch.autograd.grad(loss, leaves, create_graph=True)
+        return loss.detach(), list(grads), leaves
+    arena = obj.arena
+    out = [torch.zeros_like(f) for f in flats]  # parameters the loss does not reach keep 0
+    leaves = {n: x.detach().requires_grad_(True) for n, x in arena.views(flats).items()}
+    out_v = arena.views(out)
+
+    def arrived(p, o):
+        if p.grad is not None:
+            o.copy_(p.grad)
+            p.grad = None
+
+    hooks = [x.register_post_accumulate_grad_hook(lambda p, _o=out_v[n]: arrived(p, _o)) for n, x in leaves.items()]
+    try:
+        with rng.replay(), arena.bind(leaves):
+            loss = obj.loss(batch)
+            torch.autograd.backward(loss, inputs=list(leaves.values()))
+    finally:
+        for h in hooks:
+            h.remove()
+    return loss.detach(), out
+
+
+def _per_parameter(arena, flats, vec, acc):
+    """One autograd leaf per parameter (views of φ, no copy) and the matching views of vec and acc."""
+    leaves = {n: x.detach().requires_grad_(True) for n, x in arena.views(flats).items()}
+    vec_v, acc_v = arena.views(vec), arena.views(acc)
+    return leaves, [vec_v[n] for n in leaves], [acc_v[n] for n in leaves]
+
+
+def hvp_exact_(obj, flats, batch, rng, vec, acc, opts: Options = None):
+    """acc += ∇⟨∇L(φ), vec⟩, one block's second-order graph at a time (core/block_recompute.py)."""
+    model = obj.model
+    leaves, vec_l, acc_l = _per_parameter(obj.arena, flats, vec, acc)
+    try:
+        blocks = activation_checkpoint.blocks(model)
+    except ValueError:  # no repeated blocks (a toy model): the whole model is one block's worth of graph
+        blocks = []
+    forwards = [activation_checkpoint.original_forward(b) for b in blocks]
+    with rng.replay(), obj.arena.bind(leaves):
+        # the tensors the model computes with (the leaves, or their casts for bf16 parameters) -> direction
+        bound = dict(model.named_parameters())
+        directions = {id(bound[n]): v for n, v in zip(leaves, vec_l)}
+        accumulators = {id(bound[n]): a for n, a in zip(leaves, acc_l)}
+        block_recompute.hvp_(lambda: obj.loss(batch), blocks, list(leaves.values()), vec_l, acc_l,
+                             directions=directions, accumulators=accumulators, forwards=forwards)
+
+
+def hvp_mixed_(obj, flats, batch, rng, vec, acc, opts: Options):
+    """acc += tangent of ∇L at φ in direction vec (forward-over-reverse), each parameter's tangent added as its
+    gradient arrives. Falls back to hvp_exact_ for a model whose backward lacks forward AD (once per engine)."""
+    if opts.forward_ad.supported:
         try:
-            return _hvp_mixed(obj, flats, batch, rng, vec)
+            return _hvp_mixed_(obj, flats, batch, rng, vec, acc)
         except NotImplementedError as err:
             if "forward AD" not in str(err) and "forward mode AD" not in str(err):  # (ops, custom Functions)
                 raise
-            forward_ad.supported = False
+            opts.forward_ad.supported = False
             warnings.warn(f"hvp='mixed': {type(obj.model).__name__}'s backward uses an op without forward-mode AD "
                           f"({err}); using the exact reverse-over-reverse HVP for this engine instead", RuntimeWarning)
-    return hvp_exact(obj, flats, batch, rng, vec)
+    hvp_exact_(obj, flats, batch, rng, vec, acc, opts)
 
 
-def _hvp_mixed(obj, flats, batch, rng, vec):
-    leaves = _leaves(flats)
+def _hvp_mixed_(obj, flats, batch, rng, vec, acc):
+    leaves, vec_l, acc_l = _per_parameter(obj.arena, flats, vec, acc)
+
+    def arrived(grad, a):  # a parameter's gradient, complete (tied uses summed): its tangent is its H·vec piece
+        t = fwAD.unpack_dual(grad).tangent
+        if t is not None:
+            a.add_(t.to(a.dtype))
+        return grad
+
+    def drop(p):  # the primal gradient is not needed: free it as soon as autograd stores it
+        p.grad = None
+
     with fwAD.dual_level():
-        duals = [fwAD.make_dual(x, v.to(x.dtype)) for x, v in zip(leaves, vec)]
-        with rng.replay(), obj.arena.bind(duals):
-            loss = obj.loss(batch)
-            grads = torch.autograd.grad(loss, leaves)
-        out = []
-        for g, v in zip(grads, vec):
-            t = fwAD.unpack_dual(g).tangent
-            out.append(torch.zeros_like(v) if t is None else t.detach().to(v.dtype))
-    return out
+        duals = {}
+        for (n, x), v, a in zip(leaves.items(), vec_l, acc_l):
+            duals[n] = fwAD.make_dual(x, v.to(x.dtype))
+            duals[n].register_hook(lambda g, _a=a: arrived(g, _a))
+        hooks = [x.register_post_accumulate_grad_hook(drop) for x in leaves.values()]
+        try:
+            # checkpointed blocks: the dual backward recomputes one block at a time
+            with rng.replay(), obj.arena.bind(duals), activation_checkpoint.enabled(obj.model):
+                loss = obj.loss(batch)
+                torch.autograd.backward(loss, inputs=list(leaves.values()))
+                del loss
+        finally:
+            for h in hooks:
+                h.remove()
 
 
 def global_norm(vecs) -> float:
@@ -122,12 +165,12 @@ def global_norm(vecs) -> float:
     return math.sqrt(sum(float(torch.linalg.vector_norm(v)) ** 2 for v in vecs))
 
 
-def hvp_fd_into(obj, flats, batch, rng, vec, acc, *, fd_eps):
+def hvp_fd_(obj, flats, batch, rng, vec, acc, opts: Options):
     """acc += (∇L(φ + r·vec) - ∇L(φ - r·vec)) / 2r with r = fd_eps/‖vec‖ (acc unchanged if vec = 0)."""
     norm = global_norm(vec)
     if norm == 0.0:
         return
-    r = fd_eps / norm
+    r = opts.fd_eps / norm
     # one perturbed point alive at a time (the fused op writes both; the unused one is dropped at once)
     plus = [kernels.fd_perturb(f, v, r)[0] for f, v in zip(flats, vec)]
     _, g_plus = gradient(obj, plus, batch, rng)
@@ -137,3 +180,24 @@ def hvp_fd_into(obj, flats, batch, rng, vec, acc, *, fd_eps):
     del minus
     for a, gp, gm in zip(acc, g_plus, g_minus):
         kernels.fd_combine_(a, gp, gm, 1.0 / (2 * r))
+
+
+def hvp_first_order_(obj, flats, batch, rng, vec, acc, opts: Options = None):
+    """Adds nothing: H·vec := 0 (first-order MAML through the AdamW inner step)."""
+
+
+MODES = {"exact": hvp_exact_, "mixed": hvp_mixed_, "fd": hvp_fd_, "first_order": hvp_first_order_}
+
+
+def kept_(obj, kept, rng, vec, acc):
+    """acc += ∇⟨g, vec⟩ through `kept` = (g, leaves), a gradient graph built in the forward pass
+    (inner_graph="keep"); the whole model's second-order graph is alive until this returns."""
+    grads, leaves = kept
+    # the double backward may recompute checkpointed blocks: it must see the same weights and RNG
+    with rng.replay(), obj.arena.bind(leaves):
+        hv = torch.autograd.grad(grads, leaves, grad_outputs=[v.to(g.dtype) for v, g in zip(vec, grads)],
+                                 allow_unused=True)
+    del grads, leaves  # frees the second-order graph before the sum
+    for a, h in zip(acc, hv):
+        if h is not None:
+            a.add_(h.to(a.dtype))

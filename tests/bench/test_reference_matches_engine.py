@@ -97,3 +97,19 @@ def test_outer_step_matches_engine():
         torch.testing.assert_close(ref.params[n].detach(), p.detach(), rtol=1e-10, atol=1e-13)
         torch.testing.assert_close(ref.exp_avg[n], st["exp_avg"][n], rtol=1e-9, atol=1e-16)
         torch.testing.assert_close(ref.exp_avg_sq[n], st["exp_avg_sq"][n], rtol=1e-9, atol=1e-20)
+
+
+def test_reference_computes_logits_only_at_targets():
+    """The fair reference asks for logits where a label is set, as a careful user would (and as the engine does),
+    and its loss is still the mean cross-entropy over all target tokens."""
+    model = tiny_gpt2()
+    b = batch(torch.Generator().manual_seed(7))
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda mod, args, out: rows.append(tuple(out.shape)))
+    loss = reference.reference_loss(model, dict(model.named_parameters()), b)
+    hook.remove()
+    n_targets = int((b["labels"][:, 1:] != -100).sum())
+    assert rows == [(n_targets, 61)]
+    full = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+    expect = torch.nn.functional.cross_entropy(full[:, :-1].reshape(-1, 61), b["labels"][:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, expect, rtol=1e-12, atol=0)

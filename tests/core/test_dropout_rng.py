@@ -116,7 +116,7 @@ def test_tiled_attention_recomputations_replay_its_seed(tiny, gen):
     for kw in (dict(hvp="exact"), dict(hvp="exact", inner_graph="keep"), dict(hvp="mixed")):
         engine = MetaEngine(dropout_gpt2(tiny), MetaConfig(inner_steps=2, **{**BASE, "attn_implementation": None},
                                                             **kw))
-        assert engine.attn_implementation == "mamlen"
+        assert engine.attention.second_order == "mamlen"
         torch.manual_seed(5)
         out.append(flat(engine.meta_gradient(tasks)))
     for other in out[1:]:

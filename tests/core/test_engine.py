@@ -353,15 +353,39 @@ def test_bad_inputs_are_named(tiny, gen):
 
 def test_attention_chosen_per_mode(tiny):
     from mamlen.core import attention
-    for hvp in ("exact", "mixed"):
+    for hvp in ("exact", "mixed", "fd", "first_order"):
         m = tiny.gpt2()
-        MetaEngine(m, MetaConfig(hvp=hvp))
-        assert m.config._attn_implementation in ("eager", "mamlen")
-    for hvp in ("fd", "first_order"):
-        m = tiny.gpt2()
-        MetaEngine(m, MetaConfig(hvp=hvp))
+        plan = MetaEngine(m, MetaConfig(hvp=hvp)).attention
+        assert m.config._attn_implementation == plan.first_order == "sdpa"  # the model rests on the fast one
+        assert plan.second_order == ("mamlen" if hvp in ("exact", "mixed") else "sdpa")
+        with attention.using(m, plan.second_order):
+            assert m.config._attn_implementation == plan.second_order
         assert m.config._attn_implementation == "sdpa"
-    assert attention.choose("exact", "cpu", forced="eager") == "eager"
+    assert attention.choose("exact", "cpu", forced="eager") == attention.AttentionPlan("eager", "eager")
+
+
+@pytest.mark.parametrize("hvp", ["exact", "mixed", "fd", "first_order"])
+def test_attention_per_pass(tiny, gen, monkeypatch, hvp):
+    """Only the passes differentiated twice (exact / mixed: the support gradients and their HVPs) run the
+    second-order attention; the query gradient, the "before" loss, fd's probes and the MetaICL step run SDPA."""
+    from transformers import AttentionInterface
+    calls = []
+    for name in ("sdpa", "mamlen"):
+        real = AttentionInterface._global_mapping[name]
+        monkeypatch.setitem(AttentionInterface._global_mapping, name,
+                            lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    model = tiny.gpt2(n_layer=1)
+    engine = MetaEngine(model, MetaConfig(hvp=hvp, **BASE))
+    task = make_tasks(tiny, gen, n=1, K=1)
+    engine.step(task)
+    # one layer: forwards in order L_Q(θ) (before), L_S(θ) (support gradient), L_Q(φ_1), then the HVP's own:
+    # exact = the block's forward + 3 recomputations, mixed = forward + 1 checkpoint recomputation, fd = 2 probes
+    expected = {"exact": ["sdpa", "mamlen", "sdpa"] + ["mamlen"] * 4, "mixed": ["sdpa", "mamlen", "sdpa"] + ["mamlen"] * 2,
+                "fd": ["sdpa"] * 5, "first_order": ["sdpa"] * 3}[hvp]
+    assert calls == expected, (hvp, calls)
+    calls.clear()
+    engine.metaicl_step([task[0].query])
+    assert calls == ["sdpa"]
 
 
 @pytest.mark.parametrize("inner", ["adamw", "sgd"])
@@ -431,7 +455,7 @@ def test_mixed_fallback_to_exact_is_per_engine(tiny, gen, monkeypatch):
     assert rel_err(bad.meta_gradient(tasks), exact.meta_gradient(tasks)) < 1e-9
 
     calls = []
-    real = hvp_mod._hvp_mixed
-    monkeypatch.setattr(hvp_mod, "_hvp_mixed", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = hvp_mod._hvp_mixed_
+    monkeypatch.setattr(hvp_mod, "_hvp_mixed_", lambda *a, **k: calls.append(1) or real(*a, **k))
     MetaEngine(tiny.gpt2(), cfg).meta_gradient(tasks)
     assert calls, "a fresh engine skipped forward-over-reverse because another engine's loss lacked forward AD"

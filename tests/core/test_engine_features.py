@@ -101,7 +101,7 @@ def test_left_padding_matches_the_reference(tiny, gen, reference, hvp):
 @pytest.mark.parametrize("hvp", ["exact", "mixed"])
 def test_engine_through_the_tiled_attention_path(tiny, gen, reference, hvp, monkeypatch):
     """T = 200 > 192: the tiled attention's own forward/backward/double-backward, not its dense small-T path."""
-    from mamlen.core import tiled_attention
+    from mamlen.core import attention_ops as tiled_attention
     T = 200
     assert T * T > tiled_attention.DENSE_MAX_SCORES
     torch.manual_seed(0)
@@ -113,7 +113,7 @@ def test_engine_through_the_tiled_attention_path(tiny, gen, reference, hvp, monk
     tasks = [Task(support=[tiny.batch(gen, T=T, pad_last=17)], query=tiny.batch(gen, T=T, pad_last=5))]
     state = reference.random_state(model, gen)
     engine = engine_with_state(model, cfg, state)
-    assert engine.attn_implementation == "mamlen"
+    assert engine.attention.second_order == "mamlen"
     calls = []
     real = tiled_attention._Attn.apply
     monkeypatch.setattr(tiled_attention._Attn, "apply", lambda *a: calls.append(1) or real(*a))

@@ -1,4 +1,4 @@
-"""Tiled second-order attention (core/tiled_attention.py) against an eager float64 reference.
+"""Tiled second-order attention (core/attention_ops.py, core/hf_attention.py) against an eager float64 reference.
 
 Every derivative the engine uses is compared: output, gradient (VJP), gradient of the gradient (HVP via
 create_graph + grad), jvp (forward-mode) and jvp of the gradient (forward-over-reverse), on odd shapes with
@@ -16,8 +16,9 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.utils.checkpoint import checkpoint
 
-from mamlen.core import tiled_attention as ta
-from mamlen.core.tiled_attention import tiled_attention
+from mamlen.core import attention_ops as ta
+from mamlen.core import hf_attention
+from mamlen.core.attention_ops import tiled_attention
 
 F64 = torch.float64
 
@@ -284,8 +285,8 @@ def _tiny_model(arch, impl):
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
     transformers.AttentionInterface.register("test_ref64", _hf_reference)
     AttentionMaskInterface.register("test_ref64", eager_mask)
-    ta.register()
-    ta.register()  # idempotent
+    hf_attention.register()
+    hf_attention.register()  # idempotent
     torch.manual_seed(0)
     if arch == "gpt2":
         cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=61, n_positions=64,
@@ -390,16 +391,39 @@ def test_hf_without_mask_function_would_misread_padding():
     """Why register() also registers a mask function: with it, left padding matches eager (checked above);
     and the registered mask function is the boolean sdpa one."""
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    ta.register()
+    hf_attention.register()
     assert AttentionMaskInterface._global_mapping["mamlen"] is sdpa_mask
+
+
+
+def _our_imports(module):
+    """The mamlen modules a core/ file imports (at top level or lazily)."""
+    import ast
+    import pathlib
+    tree = ast.parse((pathlib.Path(ta.__file__).parent / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mamlen"):
+            found |= ({f"{node.module}.{a.name}" for a in node.names} if node.module == "mamlen.core"
+                      else {node.module})
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("mamlen")}
+    return found
+
+
+def test_attention_modules_import_down_only():
+    """Liger-style split without a cycle: Triton launchers <- op file <- HF adapter <- per-pass choice."""
+    assert _our_imports("attention_triton") == set()
+    assert _our_imports("attention_ops") == {"mamlen.core.attention_triton"}  # lazily, for backend="triton"
+    assert _our_imports("hf_attention") == {"mamlen.core.attention_ops"}
+    assert _our_imports("attention") == {"mamlen.core.hf_attention"}
 
 
 # ------------------------------------------------------------------------------------------------ Triton
 
 _TRITON_SCRIPT = r"""
 import torch
-from mamlen.core import triton_attention as tra
-from mamlen.core.tiled_attention import tiled_attention
+from mamlen.core.attention_ops import tiled_attention
 torch.manual_seed(0)
 # (B, H, Hkv, T, D, causal, mask): GQA + causal + left padding with fully masked rows; per-head additive bias
 for (B, H, Hkv, T, D, causal, kind) in [(1, 2, 1, 19, 16, True, "pad"), (1, 2, 2, 9, 8, False, "bias")]:
@@ -410,7 +434,7 @@ for (B, H, Hkv, T, D, causal, kind) in [(1, 2, 1, 19, 16, True, "pad"), (1, 2, 2
         mask = torch.ones(B, 1, T, T, dtype=torch.bool); mask[0, :, :, :3] = False; mask[0, :, :3] = False
     else:
         mask = torch.randn(B, H, T, T).masked_fill(torch.rand(B, H, T, T) < 0.2, float("-inf"))
-    o = tra.triton_attention(q, k, v, mask, is_causal=causal)
+    o = tiled_attention(q, k, v, mask, is_causal=causal, backend="triton")
     r = tiled_attention(q, k, v, mask, is_causal=causal, backend="torch")
     w = torch.randn_like(o)
     g = torch.autograd.grad((o * w).sum(), (q, k, v), create_graph=True)

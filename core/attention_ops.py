@@ -40,11 +40,12 @@ fp64 inputs); outputs have the input dtype. Masks are constants (never different
 o = 0 and zero gradients. Dropout masks are regenerated per tile from a seed drawn from torch's global RNG at
 forward time, so every recomputation (backward, double backward, jvp, checkpoint replay) sees the same mask.
 
-Backends: "torch" runs every pass above with torch ops (any device; the CPU path). "triton" (core/triton_attention.py,
+Backends: "torch" runs every pass above with torch ops (any device; the CPU path). "triton" (core/attention_triton.py,
 chosen by "auto" on CUDA) runs the forward and the first-order backward as Triton kernels and keeps the PyTorch
 passes for the double backward and both jvps; dropout and float64 always use "torch".
 
-`register()` makes this `attn_implementation="mamlen"` for Hugging Face transformers.
+This is the op file (passes, autograd Functions, the public `tiled_attention`); core/hf_attention.py is the thin
+adapter that makes it `attn_implementation="mamlen"` for Hugging Face transformers.
 """
 import importlib.util
 import math
@@ -82,9 +83,9 @@ def triton_interpreting():
 
 
 def _triton():
-    from mamlen.core import triton_attention  # lazy: imports triton
+    from mamlen.core import attention_triton  # lazy: imports triton
 
-    return triton_attention
+    return attention_triton
 
 
 def _acc_dtype(dtype):
@@ -568,43 +569,3 @@ def tiled_attention(query, key, value, attn_mask=None, *, is_causal=False, scale
     o = _dense(spec, q5, key, value) if dense else _Attn.apply(q5, key, value, spec)  # (B, Hkv, R, Tq, Dv)
     return o.reshape(B, H, Tq, value.shape[-1])
 
-
-def mamlen_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                             **kwargs):
-    """Hugging Face attention interface (same contract as transformers' sdpa_attention_forward):
-    query (B, H, Tq, D), key/value (B, Hkv, Tk, D), attention_mask from the "mamlen" mask function (the sdpa one:
-    None or bool 4-D) or any additive 4-D mask -> (attn_output (B, Tq, H, Dv), None)."""
-    if kwargs.get("softcap") is not None:
-        raise ValueError("attn_implementation='mamlen' does not support softcap")
-    if kwargs.get("position_bias") is not None:
-        raise ValueError("attn_implementation='mamlen' does not support position_bias")
-    if kwargs.get("cache") is not None:
-        raise ValueError("attn_implementation='mamlen' does not support paged caches")
-    if kwargs.get("output_attentions", False):
-        raise ValueError("attn_implementation='mamlen' cannot return attention weights (it never forms them)")
-    q_len = query.shape[2]
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    # As SDPA: the causal flag is used only when HF skipped building a mask (pure causal, q_len == kv_len).
-    is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
-    if is_causal and key.shape[2] > q_len:
-        key, value = key[:, :, :q_len], value[:, :, :q_len]
-    out = tiled_attention(query, key, value, attention_mask, is_causal=is_causal, scale=scaling, dropout_p=dropout)
-    return out.transpose(1, 2).contiguous(), None
-
-
-_registered = False
-
-
-def register():
-    """Register `attn_implementation="mamlen"` with transformers (attention function + mask function). Idempotent."""
-    global _registered
-    if _registered:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register("mamlen", mamlen_attention_forward)
-    # Without a mask function of the same name HF passes no padding mask at all; the sdpa one yields None (pure
-    # causal, handled by is_causal) or a boolean 4-D mask (True = attend), which tiled_attention reads directly.
-    AttentionMaskInterface.register("mamlen", sdpa_mask)
-    _registered = True

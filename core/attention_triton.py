@@ -1,28 +1,31 @@
-"""Triton kernels for the first-order passes of core/tiled_attention.py (CUDA; CPU under TRITON_INTERPRET=1).
+"""Triton kernels for the first-order passes of core/attention_ops.py (CUDA; CPU under TRITON_INTERPRET=1).
 
-What runs where (the autograd structure is tiled_attention's _Attn / _AttnBackward, unchanged):
+What runs where (the autograd structure is attention_ops' _Attn / _AttnBackward):
   forward  (o, lse)            Triton `_fwd_kernel`: online softmax over key blocks, one program per
                                (query block, query head); fp32 accumulation.
   backward (dq, dk, dv)        Triton `_bwd_dkdv_kernel` (one program per key block and kv head, looping over the
                                R query heads of its group and the query blocks: no atomics) and `_bwd_dq_kernel`.
   double backward, jvp of the forward, jvp of the backward
-                               the PyTorch tiled passes of tiled_attention (`_bwd_vjp`, `_fwd_jvp`, `_bwd_jvp`):
+                               the PyTorch tiled passes of attention_ops (`_bwd_vjp`, `_fwd_jvp`, `_bwd_jvp`):
                                same formulas, same O(T) saved memory, torch matmuls on the tensors' device.
-Not in Triton (tiled_attention falls back to the PyTorch passes): dropout > 0 (its masks come from per-tile
+Not in Triton (attention_ops falls back to the PyTorch passes): dropout > 0 (its masks come from per-tile
 torch generators), float64, head dims > 256.
 
-Triton is imported when this module is imported, which tiled_attention does lazily (only for backend="triton"),
-so importing mamlen.core never needs triton.
+Launchers only: `fwd` and `bwd` take attention_ops' spec (scale, causal, keep, bias) and 5-D (B, Hkv, R, T, D)
+tensors. This module imports triton and nothing of ours; attention_ops imports it lazily (backend="triton"), so
+importing mamlen.core never needs triton.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from mamlen.core import tiled_attention as _ta
-
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-BLOCK_M = 16 if _ta.triton_interpreting() else 64
-BLOCK_N = 16 if _ta.triton_interpreting() else 64
+# the interpreter runs every program in Python: small tiles keep CPU tests fast
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+BLOCK_M = 16 if _INTERPRETING else 64
+BLOCK_N = 16 if _INTERPRETING else 64
 
 
 @triton.jit
@@ -205,7 +208,7 @@ def supported(spec, q):
 
 
 def fwd(spec, q, k, v):
-    """(o, lse) like tiled_attention._fwd; q (B, Hkv, R, Tq, D), k/v (B, Hkv, Tk, D/Dv); o in q's dtype."""
+    """(o, lse) like attention_ops._fwd; q (B, Hkv, R, Tq, D), k/v (B, Hkv, Tk, D/Dv); o in q's dtype."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, Hkv, R, Tq, D = q.shape
     Tk, DV = k.shape[2], v.shape[-1]
@@ -220,7 +223,7 @@ def fwd(spec, q, k, v):
 
 
 def bwd(spec, q, k, v, o, lse, do):
-    """(dq, dk, dv) like tiled_attention._bwd, in the inputs' dtypes."""
+    """(dq, dk, dv) like attention_ops._bwd, in the inputs' dtypes."""
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     B, Hkv, R, Tq, D = q.shape
     Tk, DV = k.shape[2], v.shape[-1]
@@ -236,7 +239,3 @@ def bwd(spec, q, k, v, o, lse, do):
         q, k, v, do, lse, delta, dq, kp, bp, spec.scale, Tq, Tk, D, DV, Hkv, R, *sm, *sb, **flags)
     return dq, dk, dv
 
-
-def triton_attention(query, key, value, attn_mask=None, **kwargs):
-    """tiled_attention with the Triton first-order passes (see module docstring)."""
-    return _ta.tiled_attention(query, key, value, attn_mask, backend="triton", **kwargs)
