@@ -249,8 +249,9 @@ def test_cli_argument_errors(data_dir, capsys):
 
 @pytest.mark.parametrize("hvp", ["exact", "fd"])
 def test_scores_unchanged_under_the_engines_attention(hvp):
-    """Evaluation during training runs on the attention the engine chose for its HVP mode (e.g. the tiled
-    second-order one): the cached, padded, position-shifted scoring must give the same scores there."""
+    """Evaluation during training runs on the model as the engine leaves it (since the per-pass attention choice
+    that is SDPA, the tiled attention being installed only inside second-order passes): the cached, padded,
+    position-shifted scoring must give the same scores there as on full sequences."""
     from mamlen.core import MetaConfig, MetaEngine
 
     with warnings.catch_warnings():
