@@ -155,15 +155,7 @@ def save(output_dir: str | Path, step: int, *, model: torch.nn.Module, optimizer
         raise CheckpointError(f"{tmp}: saving checkpoint of step {step} failed ({e}); "
                               f"{_free_bytes(out)} bytes free in {out}, {need} needed") from None
 
-    if final.exists():  # the same step saved again (e.g. after falling back from a corrupted checkpoint)
-        old = out / f".ckpt-{step:08d}.old.tmp"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-    _fsync(out)
+    install(tmp, final)
     if known is not None:
         known[final.name] = True  # written and hashed just now
     prune(out, keep, known=known, warn=warn)
@@ -190,6 +182,20 @@ def check_free_space(directory: Path, need: int) -> None:
         raise CheckpointError(f"{directory}: not enough free space to save a checkpoint: {need} bytes needed "
                               f"({need / 2**30:.2f} GiB), {free} free ({free / 2**30:.2f} GiB); free some space "
                               "or lower checkpoint.keep (the new checkpoint is written before old ones are pruned)")
+
+
+def install(tmp: Path, final: Path) -> None:
+    """Rename a complete temporary checkpoint directory into place (replacing a checkpoint of the same step,
+    e.g. after falling back from a corrupted one) and fsync the parent, so a kill leaves one or the other."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old.tmp")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync(final.parent)
 
 
 def prune(output_dir: str | Path, keep: int, *, known: dict[str, bool] | None = None,

@@ -19,7 +19,6 @@ engine.fsdp rather than skipped, so a resumed run never starts over and prunes t
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -29,7 +28,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from mamlen.train.checkpoint import (CONFIG, MANIFEST, STATE, Checkpoint, CheckpointError, _fsync, _sha256,
-                                     _write_text, checkpoints, prune)
+                                     _write_text, checkpoints, install, prune)
 
 FORMAT = "dcp-1"
 SHARDS = "dcp"
@@ -81,15 +80,7 @@ def save(output_dir, step: int, *, model: torch.nn.Module, engine, state: dict, 
         # the manifest last: a directory without a complete manifest is never loaded
         _write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
         _fsync(tmp)
-        if final.exists():  # the same step saved again
-            old = out / f".ckpt-{step:08d}.old.tmp"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync(out)
+        install(tmp, final)
         # only checkpoints that verify count as kept (a damaged newer one never pushes a good one out)
         prune(out, keep, known={final.name: True}, check=verify)
     dist.barrier()  # no rank runs ahead (and, e.g., crashes) before the checkpoint is in place
