@@ -120,16 +120,30 @@ def run_eval(cfg, model, tok, tasks, log, step, tag):
                                progress=cfg.log.progress)
     model.train(cfg.model.dropout)
     checkpoint.set_rng_state(rng)
-    summary = {"tasks": {t: r["mean"] for t, r in result["tasks"].items()}, "macro": result["macro"]}
+    summary = {"tasks": {t: r["mean"] for t, r in result["tasks"].items()},
+               "nll": {t: r["nll_mean"] for t, r in result["tasks"].items()}, "macro": result["macro"]}
     log.eval(step, summary, tag)
     return summary
 
 
 def side_by_side(before: dict, after: dict) -> str:
-    rows = [f"{'task':40s} {'before':>8s} {'after':>8s} {'change':>8s}"]
-    pairs = [(t, before["tasks"].get(t, float("nan")), after["tasks"][t]) for t in sorted(after["tasks"])]
-    pairs += [(f"macro {k}", before["macro"][k], after["macro"][k]) for k in ("mean", "worst")]
-    rows += [f"{t:40s} {b:8.4f} {a:8.4f} {a - b:+8.4f}" for t, b, a in pairs]
+    """Score and gold-option NLL per task, before and after; the continuous columns are the ones that can show a
+    small change on a few queries (bench/results/study.md). Evaluations logged before the NLL was recorded show
+    only scores."""
+    nan = float("nan")
+    rows = [f"{'task':40s} {'score':>8s} {'after':>8s} {'change':>8s}   {'gold NLL':>8s} {'after':>8s} {'change':>8s}"]
+    for t in sorted(after["tasks"]):
+        b, a = before["tasks"].get(t, nan), after["tasks"][t]
+        bn, an = before.get("nll", {}).get(t, nan), after.get("nll", {}).get(t, nan)
+        rows.append(f"{t:40s} {b:8.4f} {a:8.4f} {a - b:+8.4f}   {bn:8.4f} {an:8.4f} {an - bn:+8.4f}")
+    bm, am = before["macro"], after["macro"]
+    rows.append(f"{'macro mean':40s} {bm['mean']:8.4f} {am['mean']:8.4f} {am['mean'] - bm['mean']:+8.4f}   "
+                f"{bm.get('nll', nan):8.4f} {am.get('nll', nan):8.4f} {am.get('nll', nan) - bm.get('nll', nan):+8.4f}")
+    rows.append(f"{'macro worst':40s} {bm['worst']:8.4f} {am['worst']:8.4f} {am['worst'] - bm['worst']:+8.4f}")
+    rows.append(f"{'macro margin (best wrong - gold)':40s} {bm.get('margin', nan):8.4f} {am.get('margin', nan):8.4f} "
+                f"{am.get('margin', nan) - bm.get('margin', nan):+8.4f}")
+    rows.append("(score: macro-F1 or accuracy, higher is better; gold NLL: nats/token of the gold option, lower is "
+                "better; margin: higher is better)")
     return "\n".join(rows)
 
 

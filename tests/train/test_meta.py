@@ -48,7 +48,7 @@ def test_resume_is_exact_and_skips_a_truncated_checkpoint(tmp_path, capsys):
                "--set", "eval.after=true", "--set", "eval.max_queries=2",
                "--set", "eval.tasks=[noun_category,verb_transitivity]") == 0
     printed = capsys.readouterr().out
-    assert "before vs after" in printed and "macro mean" in printed
+    assert "before vs after" in printed and "macro mean" in printed and "gold NLL" in printed
     tags = [json.loads(line)["tag"] for line in (a / "eval.jsonl").read_text().splitlines()]
     assert tags == ["before", "periodic", "periodic"]  # step 4's periodic evaluation doubles as "after"
 
@@ -119,3 +119,18 @@ def test_bad_names_are_refused_before_training(tmp_path):
     with pytest.raises(SystemExit, match="no_such_setting"):
         run(tmp_path / "x", 2, "--set", "data.setting=no_such_setting")
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+def test_side_by_side_shows_score_and_gold_nll_changes():
+    before = {"tasks": {"t1": 0.5, "t2": 0.25}, "nll": {"t1": 1.5, "t2": 2.0},
+              "macro": {"mean": 0.375, "worst": 0.25, "nll": 1.75, "margin": -0.5}}
+    after = {"tasks": {"t1": 0.75, "t2": 0.25}, "nll": {"t1": 1.25, "t2": 2.5},
+             "macro": {"mean": 0.5, "worst": 0.25, "nll": 1.875, "margin": -0.25}}
+    rows = {line.split()[0]: line.split() for line in meta.side_by_side(before, after).splitlines()[1:3]}
+    assert [float(x) for x in rows["t1"][1:]] == [0.5, 0.75, 0.25, 1.5, 1.25, -0.25]
+    assert [float(x) for x in rows["t2"][1:]] == [0.25, 0.25, 0.0, 2.0, 2.5, 0.5]
+    text = meta.side_by_side(before, after)
+    assert "+0.1250" in text and "+0.2500" in text  # macro NLL change, margin change
+    # an evaluation logged before NLL was recorded (a resumed old run) shows its scores and nan for NLL
+    old = {"tasks": {"t1": 0.5, "t2": 0.25}, "macro": {"mean": 0.375, "worst": 0.25}}
+    assert "nan" in meta.side_by_side(old, after).splitlines()[1]
