@@ -193,6 +193,34 @@ CLASSIFICATION: tuple[TaskSpec, ...] = (
     TaskSpec("yelp_polarity", "yelp_polarity", None, labelled(lambda r: r["text"].replace("\\n", " "), SENTIMENT),
              Splits(test="test", test_fraction=0.2)),
 
+    # classification tasks outside class_to_class (hr_to_lr, qa_to_qa, non_class_to_class)
+    TaskSpec("art", "art", None,
+             labelled(lambda r: (f"observation 1: {r['observation_1']} [SEP] observation 2: {r['observation_2']} "
+                                 f"[SEP] hypothesis 1: {r['hypothesis_1']} [SEP] hypothesis 2: {r['hypothesis_2']}"
+                                 ).replace("\n", " ").replace("\t", " "),
+                      {1: "hypothesis 1", 2: "hypothesis 2"})),
+    TaskSpec("biomrc", "biomrc", "biomrc_large_B",
+             lambda r: (f"question: {one_line(r['title'])} context: {one_line(r['abstract'])}", r["answer"]),
+             Splits(test_fraction=0.1)),
+    *(TaskSpec(f"blimp-{paradigm}", "blimp", paradigm,
+               convert_split=_which_sentence("sentence_good", "sentence_bad"), splits=HOLDOUT)
+      for paradigm in ("anaphor_number_agreement", "ellipsis_n_bar_2", "sentential_negation_npi_licensor_present",
+                       "sentential_negation_npi_scope")),
+    TaskSpec("boolq", "boolq", None,
+             labelled(pair("question", "context", "question", "passage"), ["no", "yes"], label="answer")),
+    TaskSpec("crows_pairs", "crows_pairs", None,
+             convert_split=_which_sentence("sent_more", "sent_less", lambda s: s.replace("\n", "").replace("\t", "")),
+             splits=Splits(train="test", test=None)),
+    TaskSpec("mc_taco", "mc_taco", None,
+             labelled(lambda r: f"{r['sentence']} [SEP] {r['question']} [SEP] {r['answer']}", ["no", "yes"]),
+             Splits(train="validation", test=None)),
+    TaskSpec("numer_sense", "numer_sense", None,
+             lambda r: (r["sentence"].replace("<mask>", "[MASK]"), r["target"]), HOLDOUT),
+    TaskSpec("piqa", "piqa", None,  # "solution 1" with no colon; the output is the label index itself
+             lambda r: (no_breaks(f"goal: {r['goal']} [SEP] solution 1{r['sol1']} [SEP] solution 2{r['sol2']}", ""),
+                        str(r["label"]))),
+    TaskSpec("yelp_review_full", "yelp_review_full", None,
+             lambda r: (r["text"].replace("\\n", " "), str(r["label"] + 1)), Splits(test="test")),
     *(_ethos(d) for d in ("directed_vs_generalized", "disability", "gender", "national_origin", "race", "religion",
                           "sexual_orientation")),
     *(_tweet_eval(s, labels) for s, labels in _TWEET_EVAL.items()),

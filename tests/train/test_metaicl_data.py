@@ -16,10 +16,11 @@ from mamlen.train import build_metaicl_data as b
 from mamlen.train import data, metaicl_spec as ms, metaicl_tasks as mt, metaicl_unifiedqa as uq
 from mamlen.train.metaicl_class_tasks import CLASSIFICATION
 
-LABEL_FIELD = {"circa": "goldstandard2", "climate_fever": "claim_label", "hate_speech_offensive": "class",
+LABEL_FIELD = {"boolq": "answer", "circa": "goldstandard2", "climate_fever": "claim_label", "hate_speech_offensive": "class",
                "trec": "label-coarse", "trec-finegrained": "label-fine", "yahoo_answers_topics": "topic",
                **{t: t.split("-", 1)[1] for t in mt.REGISTRY if t.startswith("ethos-")}}
-SPECIAL = {"google_wellformed_query", "hatexplain", "kilt_fever", "scitail"}  # no label index: tested below
+SPECIAL = {"google_wellformed_query", "hatexplain", "kilt_fever", "scitail",  # no label index: tested below
+           "art", "biomrc", "numer_sense", "piqa", "yelp_review_full"}
 
 
 def test_settings_and_coverage():
@@ -112,6 +113,52 @@ def test_special_converters():
     assert ann([1]) ["output"] == "normal"
     with pytest.raises(ms.ConversionError, match="'maybe' is not among the task's options"):
         convert("scitail", sentence1="a", sentence2="b", gold_label="maybe")
+
+
+# classification tasks outside class_to_class: a row with its hub dataset's real columns each
+
+CLASS_ROWS = {
+    "art": ([{"observation_1": "O1.", "observation_2": "O2\n.", "hypothesis_1": "H\t1", "hypothesis_2": "H2",
+              "label": 2}],
+            [("observation 1: O1. [SEP] observation 2: O2 . [SEP] hypothesis 1: H 1 [SEP] hypothesis 2: H2",
+              "hypothesis 2")]),
+    "biomrc": ([{"abstract": "@entity1 binds @entity3.", "title": "What does\n@entity1 bind? XXXX",
+                 "entities_list": ["@entity1 :: ('x',)", "@entity3 :: ('y',)"], "answer": "@entity3"}],
+               [("question: What does @entity1 bind? XXXX context: @entity1 binds @entity3.", "@entity3")]),
+    "boolq": ([{"question": "is it wet", "answer": True, "passage": "It rained."}],
+              [("question: is it wet [SEP] context: It rained.", "yes")]),
+    "mc_taco": ([{"sentence": "He ate.", "question": "How long?", "answer": "a year", "label": 0, "category": 1}],
+                [("He ate. [SEP] How long? [SEP] a year", "no")]),
+    "numer_sense": ([{"sentence": "a dog has <mask> legs.", "target": "four"}], [("a dog has [MASK] legs.", "four")]),
+    "piqa": ([{"goal": "open\na jar", "sol1": "tw\tist", "sol2": "shake\r", "label": 1}],
+             [("goal: opena jar [SEP] solution 1twist [SEP] solution 2shake", "1")]),  # MetaICL's missing colons
+    "yelp_review_full": ([{"label": 4, "text": "good\\nfood"}], [("good food", "5")]),
+}
+
+
+@pytest.mark.parametrize("task", sorted(CLASS_ROWS))
+def test_classification_rows(task):
+    rows, want = CLASS_ROWS[task]
+    assert lines_of(task, rows) == [ex(task, *w, ms.TASK_INFO[task]["options"]) for w in want]
+
+
+@pytest.mark.parametrize("task,good,bad,clean", [
+    ("blimp-ellipsis_n_bar_2", "sentence_good", "sentence_bad", lambda s: s),
+    ("crows_pairs", "sent_more", "sent_less", lambda s: s.replace("\n", "").replace("\t", ""))])
+def test_which_sentence_draws_the_order_per_split(task, good, bad, clean):
+    others = {"blimp-ellipsis_n_bar_2": {"field": "syntax", "UID": "ellipsis_n_bar_2", "pair_id": 0},
+              "crows_pairs": {"id": 0, "bias_type": 1, "stereo_antistereo": 0}}[task]
+    rows = [{good: f"Good\t{i}\n.", bad: f"Bad {i}.", **others} for i in range(12)]
+    np.random.seed(42)  # MetaICL: seed 42 at the start of the split, one draw per row
+    want = []
+    for r in rows:
+        a, b_ = clean(r[good]), clean(r[bad])
+        if np.random.random() > 0.5:
+            want.append(ex(task, f"sentence 1: {a} [SEP] sentence 2: {b_}", "sentence 1", ["sentence 1", "sentence 2"]))
+        else:
+            want.append(ex(task, f"sentence 1: {b_} [SEP] sentence 2: {a}", "sentence 2", ["sentence 1", "sentence 2"]))
+    got = lines_of(task, rows, split="test" if task == "crows_pairs" else "train")
+    assert got == want and {e["output"] for e in got} == {"sentence 1", "sentence 2"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -440,7 +487,8 @@ UQA_TRAIN = {t: ("what is it? \\n " + ("(A) blue sky (B) red sea \\n " if t[len(
              for t in ms.TASK_INFO if t.startswith(uq.PREFIX)}
 SCIQ = {"question": "Q?", "distractor3": "d3", "distractor1": "d1", "distractor2": "d2", "correct_answer": "right",
         "support": "S."}
-HUB_ROWS = {**CHOICE_ROWS, "sciq": ([SCIQ], [(" S.Q?", "right", ["d1", "d2", "d3", "right"])])}
+HUB_ROWS = {**{t: (rows, [(*w, ms.TASK_INFO[t]["options"]) for w in want]) for t, (rows, want) in CLASS_ROWS.items()},
+            **CHOICE_ROWS, "sciq": ([SCIQ], [(" S.Q?", "right", ["d1", "d2", "d3", "right"])])}
 
 
 def same_line(e, want):
