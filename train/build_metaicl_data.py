@@ -104,44 +104,57 @@ def check_sources(specs, timeout: float = 5.0) -> None:
         if (err := _endpoint_ok(endpoint, timeout)) is not None:
             names = sorted(set(tasks))
             raise BuildError(f"{endpoint} is unreachable from this machine ({err}); it serves the files of "
-                             f"{len(names)} task(s): {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}. "
-                             f"Build the data where it is reachable, or pass --skip-missing with fewer tasks.")
+                             f"{len(names)} task(s) of the setting ({', '.join(names[:3])}"
+                             f"{', ...' if len(names) > 3 else ''}). Build the data where it is reachable and copy "
+                             f"the output directory here.")
 
 
 def hub_load(spec: ms.TaskSpec) -> Mapping[str, object]:
-    """The task's dataset: {split name: rows}, from the hub (or from its data files' URLs)."""
+    """The task's dataset from the hub: {split name: rows}."""
     import datasets
 
-    kwargs = {"data_files": spec.data_files} if spec.data_files else {}
     try:
-        return datasets.load_dataset(spec.path, spec.config, **kwargs)
+        return datasets.load_dataset(spec.path, spec.config)
     except Exception as e:  # noqa: BLE001 - network, missing repo, script-only dataset...: name the task and say why
         first = (str(e).strip().splitlines() or [""])[0]
-        what = f"dataset {spec.path!r}" + (f" (config {spec.config!r})" if spec.config else "")
-        if spec.data_files:
-            what = f"files {spec.source}"
-        raise BuildError(f"{spec.name}: cannot load {what}: {type(e).__name__}: {first}") from None
+        raise BuildError(f"{spec.name}: cannot load dataset {spec.path!r}"
+                         f"{f' (config {spec.config!r})' if spec.config else ''}: {type(e).__name__}: {first}") from None
+
+
+def _download(task: str, url: str) -> str:
+    """A local copy of `url`, downloaded once into the datasets cache."""
+    import datasets
+
+    try:
+        return datasets.DownloadManager().download(url)
+    except Exception as e:  # noqa: BLE001 - name the task and the file
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise BuildError(f"{task}: cannot download {url}: {type(e).__name__}: {first}") from None
+
+
+def files_load(spec: ms.TaskSpec) -> dict[str, list[dict]]:
+    """A non-hub task's JSON-lines files: {split: rows}, each line read as MetaICL reads it (json.loads)."""
+    out = {}
+    for split, url in spec.data_files.items():
+        with open(_download(spec.name, url), encoding="utf-8") as f:
+            out[split] = [json.loads(line) for line in f]
+    return out
 
 
 def unifiedqa_load(spec: uq.UnifiedQASpec) -> dict[str, list[str]]:
-    """The task's two TSV files: {"train": lines, "test": lines}, downloaded once into the datasets cache."""
-    import datasets
-
-    manager, out = datasets.DownloadManager(), {}
+    """The task's two TSV files: {"train": lines, "test": lines}."""
+    out = {}
     for split, url in spec.urls().items():
-        try:
-            path = manager.download(url)
-        except Exception as e:  # noqa: BLE001 - name the task and the file
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise BuildError(f"{spec.name}: cannot download {url}: {type(e).__name__}: {first}") from None
-        with open(path, encoding="utf-8") as f:  # text mode, as MetaICL reads them (universal newlines)
+        with open(_download(spec.name, url), encoding="utf-8") as f:  # text mode, as MetaICL reads them
             out[split] = list(f)
     return out
 
 
 def load_source(spec):
-    """A task's raw data: hub rows for a `TaskSpec`, TSV lines for a `UnifiedQASpec`."""
-    return unifiedqa_load(spec) if isinstance(spec, uq.UnifiedQASpec) else hub_load(spec)
+    """A task's raw data: hub (or JSON-lines) rows for a `TaskSpec`, TSV lines for a `UnifiedQASpec`."""
+    if isinstance(spec, uq.UnifiedQASpec):
+        return unifiedqa_load(spec)
+    return files_load(spec) if spec.data_files else hub_load(spec)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -169,8 +182,10 @@ def convert_split(spec: ms.TaskSpec, ds: Mapping[str, object], split: str) -> li
     return out
 
 
-def task_lines(spec: ms.TaskSpec, ds: Mapping[str, object]) -> TaskLines:
-    """The pool and the test queries, cut as MetaICL's get_train_test_lines does for this task."""
+def task_lines(spec: ms.TaskSpec, ds: Mapping[str, object], need_test: bool = True) -> TaskLines:
+    """The pool and the test queries, cut as MetaICL's get_train_test_lines does for this task.
+
+    `need_test=False` (a training task): a separate test split is not converted (MetaICL does, then ignores it)."""
     s = spec.splits
     train = convert_split(spec, ds, s.train)
     if s.test is None:  # both from one split, after a fixed shuffle
@@ -179,6 +194,8 @@ def task_lines(spec: ms.TaskSpec, ds: Mapping[str, object]) -> TaskLines:
             return TaskLines(train=train[:s.train_count], test=train[s.train_count:s.train_count + s.test_count])
         n = len(train)
         return TaskLines(train=train[:int(s.holdout * n)], test=train[int((s.test_from or s.holdout) * n):])
+    if not need_test:
+        return TaskLines(train=train, test=[])
     test = convert_split(spec, ds, s.test)
     if s.test_fraction is not None:
         np.random.RandomState(ms.SPLIT_SEED).shuffle(test)
@@ -308,7 +325,8 @@ def build(setting: str, out: str | Path, *, load: Callable[[mt.Spec], Mapping] =
         if isinstance(spec, uq.UnifiedQASpec):
             task_files = unifiedqa_task_files(spec, load(spec), train=is_train, test=is_test)
         else:
-            task_files = hub_task_files(task, task_lines(spec, load(spec)), train=is_train, test=is_test)
+            lines = task_lines(spec, load(spec), need_test=is_test)
+            task_files = hub_task_files(task, lines, train=is_train, test=is_test)
         write_task(out, task, task_files)
         meta[task] = {"type": TYPES[ms.TASK_INFO[task]["type"]], "domain": "metaicl", "source": spec.source,
                       "train": task_files.pool, "test": task_files.queries}

@@ -62,7 +62,7 @@ class Splits:
 class TaskSpec:
     name: str
     path: str
-    """Dataset id as MetaICL loads it (`datasets.load_dataset(path, config)`), or a builder ("json") with `data_files`."""
+    """Hub dataset id, as MetaICL loads it (`datasets.load_dataset(path, config)`); with `data_files`, where they are from."""
     config: str | None
     convert: Callable[[dict], Pair | None] | None = None
     """One row → (input, output), or None to drop it."""
@@ -70,7 +70,7 @@ class TaskSpec:
     convert_split: Callable[[Iterable[dict]], list[Pair]] | None = None
     """All rows of a split → pairs, for conversions with state across rows; instead of `convert`."""
     data_files: dict[str, str] | None = None
-    """{split: URL} for a task whose data is not a hub dataset (loaded with the `path` builder)."""
+    """{split: URL of a JSON-lines file} for a task whose data is not a hub dataset; each line is a row."""
 
     def __post_init__(self):
         if self.name not in TASK_INFO:

@@ -4,11 +4,12 @@ The converters are grouped by task type, each module exporting its specs; this i
 assembles them:
 - metaicl_class_tasks.CLASSIFICATION: classification tasks from hub datasets;
 - metaicl_choice_tasks.MULTI_CHOICE: multi-choice tasks from hub datasets;
+- metaicl_freeform_tasks.FREE_FORM: free-form (training-only) tasks from hub datasets and ProtoQA's file;
 - metaicl_unifiedqa.UNIFIEDQA: the unifiedqa:* tasks, from UnifiedQA's TSV files.
 What a converter is, the task lists and MetaICL's common preprocessing are in metaicl_spec.py.
 
-`missing(setting)` lists a setting's tasks without a converter (`train/build_metaicl_data.py --list` prints
-them per setting). Adding one is a spec in the module of its type plus a test row in
+Every task of the seven settings has one; `missing(setting)` lists a setting's tasks without a converter
+(`train/build_metaicl_data.py --list` prints them per setting) for when MetaICL's task lists change. Adding one is a spec in the module of its type plus a test row in
 tests/train/test_metaicl_data.py.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Iterable, Mapping, Union
 
 from mamlen.train.metaicl_choice_tasks import MULTI_CHOICE
 from mamlen.train.metaicl_class_tasks import CLASSIFICATION
+from mamlen.train.metaicl_freeform_tasks import FREE_FORM
 from mamlen.train.metaicl_spec import SETTINGS, TaskSpec
 from mamlen.train.metaicl_unifiedqa import UNIFIEDQA, UnifiedQASpec
 
@@ -34,7 +36,7 @@ def _assemble(*groups: Iterable[Spec]) -> Mapping[str, Spec]:
     return MappingProxyType(registry)
 
 
-REGISTRY: Mapping[str, Spec] = _assemble(CLASSIFICATION, MULTI_CHOICE, UNIFIEDQA)
+REGISTRY: Mapping[str, Spec] = _assemble(CLASSIFICATION, MULTI_CHOICE, FREE_FORM, UNIFIEDQA)
 
 
 def setting_tasks(setting: str) -> set[str]:

@@ -317,6 +317,117 @@ def test_sciq_shuffles_choices_with_one_rng_per_split():
 
 
 # ---------------------------------------------------------------------------------------------------------
+# free-form tasks: a row with its hub dataset's real columns each; the output is the first reference answer
+
+SQUAD = {"id": "s1", "title": "T", "context": "C\tx\ny", "question": "Q?",
+         "answers": {"text": ["A", "A2"], "answer_start": [0, 4]}}
+KILT = {"id": "k1", "input": "who\nis it", "meta": {"left_context": "", "mention": "", "right_context": ""},
+        "output": [{"answer": "A1", "meta": {"score": 0}}, {"answer": "A2", "meta": {"score": 1}}]}
+FREE_ROWS = {
+    "ade_corpus_v2-dosage": ([{"text": "Take 5 mg daily.", "drug": "aspirin", "dosage": "5 mg",
+                               "indexes": {"drug": {"start_char": [0], "end_char": [7]},
+                                           "dosage": {"start_char": [5], "end_char": [9]}}}],
+                             [("Take 5 mg daily. [SEP] aspirin", "5 mg")]),
+    "freebase_qa": ([{"Question-ID": "FreebaseQuestions-train-0", "RawQuestion": "Who wrote X?",
+                      "ProcessedQuestion": "who wrote x",
+                      "Parses": {"Parse-Id": ["p0", "p1"], "PotentialTopicEntityMention": ["x", "x"],
+                                 "TopicEntityName": ["x", "x"], "TopicEntityMid": ["m.0", "m.0"],
+                                 "InferentialChain": ["book.author", "book.writer"],
+                                 "Answers": [{"AnswersMid": ["m.1"], "AnswersName": [["Bob", "Robert"]]},
+                                             {"AnswersMid": ["m.2"], "AnswersName": [["Ann", "Bob"]]}]}}],
+                    [("Who wrote X?", "Ann")]),  # all names, sorted: "Ann\tBob\tRobert"
+    "gigaword": ([{"document": "the text", "summary": "short"}], [("summarize: the text", "short")]),
+    "hotpot_qa": ([{"id": "h", "question": "Q?", "answer": "A", "type": "bridge", "level": "hard",
+                    "supporting_facts": {"title": ["T1", "T3"], "sent_id": [0, 1]},
+                    "context": {"title": ["T1", "T2", "T3"], "sentences": [["a1 ", "a2"], ["b1"], ["c1 ", "c2"]]}}],
+                  [("question: Q? context: a1 a2 c1 c2", "A")]),
+    **{t: ([KILT], [("who is it", "A1")]) for t in ("kilt_ay2", "kilt_hotpotqa", "kilt_nq", "kilt_trex", "kilt_zsre")},
+    "lama-conceptnet": ([{"uuid": "u", "sub": "cat", "obj": "pet", "pred": "IsA", "obj_label": "pet",
+                          "masked_sentence": "A cat is a [MASK].", "negated": ""}], [("A cat is a [MASK].", "pet")]),
+    "lama-google_re": ([{"pred": "p", "sub": "s", "obj": "o", "sub_w": "", "sub_label": "Ann", "sub_aliases": "",
+                         "obj_w": "", "obj_label": "1950", "obj_aliases": "", "uuid": "u", "masked_sentence": "m",
+                         "template": "[X] was born in [Y] .", "template_negated": ""}],
+                       [("Ann was born in [MASK] .", "1950")]),
+    "lama-squad": ([{"id": "q", "sub_label": "Squad", "obj_label": "red", "negated": "",
+                     "masked_sentence": "The sky at dusk is [MASK]."}], [("The sky at dusk is [MASK].", "red")]),
+    "lama-trex": ([{"uuid": "u", "obj_uri": "Q90", "obj_label": "Paris", "sub_uri": "Q142", "sub_label": "France",
+                    "predicate_id": "P36", "sub_surface": "France", "obj_surface": "Paris", "masked_sentence": "m",
+                    "template": "The capital of [X] is [Y] .", "template_negated": "", "label": "capital",
+                    "description": "d", "type": "N-1"}], [("The capital of France is [MASK] .", "Paris")]),
+    "proto_qa": ([{"question": {"normalized": "name something red", "original": "Name something red."},
+                   "answers": {"raw": {"apple": 10, "fire truck": 5}}, "num": {"answers": 2}, "metadata": {"id": "r1"}}],
+                 [("name something red", "apple")]),
+    "qa_srl": ([{"sentence": "He ate .", "sent_id": "1", "predicate_idx": 1, "predicate": "ate",
+                 "question": ["who", "_", "ate", "_", "_", "_", "?"], "answers": ["He"]}],
+               [("question: who _ ate _ _ _ ? context: He ate .", "He")]),
+    "quoref": ([{"id": "q", "question": "Who?", "context": "Ann\nmet Bob.", "title": "t", "url": "u",
+                 "answers": {"answer_start": [0], "text": ["Ann"]}}], [("question: Who? context: Ann met Bob.", "Ann")]),
+    "ropes": ([{"id": "r", "background": "B\n.", "situation": "S.", "question": "Q?", "answers": {"text": ["x", "y"]}}],
+              [("question: Q? [SEP] situation: S. [SEP] background: B .", "x")]),
+    "search_qa": ([{"category": "HISTORY", "air_date": "2004-12-31", "question": "'He was first'", "value": "$200",
+                    "answer": "Washington", "round": "Jeopardy!", "show_number": "4680",
+                    "search_results": {"urls": ["u"], "snippets": ["s"], "titles": ["t"], "related_links": [None]}}],
+                  [("question: 'He was first'category: HISTORY", "Washington")]),
+    "spider": ([{"db_id": "db", "query": "SELECT count(*) FROM t", "question": "How many?",
+                 "query_toks": ["SELECT"], "query_toks_no_value": ["select"], "question_toks": ["How", "many", "?"]}],
+               [("How many?", "SELECT count(*) FROM t")]),
+    "squad-no_context": ([SQUAD], [("question: Q?", "A")]),
+    "squad-with_context": ([SQUAD], [("question: Q? context: C x y", "A")]),
+    "superglue-record": ([{"passage": "P\nq", "query": "@placeholder won", "entities": ["Ann"],
+                           "entity_spans": {"text": ["Ann"], "start": [0], "end": [3]}, "answers": ["Ann", "ann"],
+                           "idx": {"passage": 0, "query": 0}}], [("question: @placeholder won context: P q", "Ann")]),
+    "tweet_qa": ([{"Question": "Q?", "Answer": ["A", "B"], "Tweet": "T", "qid": "1"}], [("question: Q? context: T", "A")]),
+    "web_questions": ([{"url": "u", "question": "what is x?", "answers": ["a", "b"]}], [("what is x?", "a")]),
+    "wikisql": ([{"phase": 1, "question": "how many?", "table": {"header": ["h"], "page_title": "p"},
+                  "sql": {"human_readable": " SELECT x ", "sel": 0, "agg": 0,
+                          "conds": {"column_index": [0], "operator_index": [0], "condition": ["c"]}}}],
+                [("how many?", "SELECT x")]),
+    "xsum": ([{"document": "D\nE", "summary": "S", "id": "1"}], [("summarize: D E", "S")]),
+}
+
+
+@pytest.mark.parametrize("task", sorted(FREE_ROWS))
+def test_free_form_rows(task):
+    rows, want = FREE_ROWS[task]
+    assert lines_of(task, rows) == [ex(task, *w, []) for w in want]
+
+
+def test_free_form_coverage():
+    assert {t for t, i in ms.TASK_INFO.items() if i["type"] == "free-form" and not t.startswith(uq.PREFIX)} \
+        == set(FREE_ROWS)
+
+
+def test_non_hub_files_are_downloaded_and_parsed_as_metaicl_reads_them(tmp_path, monkeypatch):
+    proto = tmp_path / "train.jsonl"
+    proto.write_text("".join(json.dumps(r) + "\n" for r in FREE_ROWS["proto_qa"][0] * 2), encoding="utf-8")
+    tsv = tmp_path / "train.tsv"
+    tsv.write_bytes(b"q1 \\n (A) x (B) y\tx\r\nq2 \\n (A) x (B) y\ty\n\n")
+    fetched = []
+
+    def download(task, url):
+        fetched.append((task, url))
+        return str(proto if url.endswith(".jsonl") else tsv)
+
+    monkeypatch.setattr(b, "_download", download)
+    assert b.load_source(mt.REGISTRY["proto_qa"]) == {"train": FREE_ROWS["proto_qa"][0] * 2}
+    raw = b.load_source(mt.REGISTRY["unifiedqa:mctest"])
+    assert raw["train"] == ["q1 \\n (A) x (B) y\tx\n", "q2 \\n (A) x (B) y\ty\n", "\n"]  # universal newlines
+    assert fetched[0] == ("proto_qa", "https://raw.githubusercontent.com/iesl/protoqa-data/master/data/train/train.jsonl")
+    assert fetched[1:] == [("unifiedqa:mctest", u) for u in mt.REGISTRY["unifiedqa:mctest"].urls().values()]
+
+
+def test_an_unreachable_file_server_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # the hub part is read from the cache
+    monkeypatch.setattr(uq, "URL", "http://127.0.0.1:9/unifiedqa/{dataset}/{file}")
+    with pytest.raises(SystemExit) as e:
+        b.main(["--setting", "qa_to_qa", "--out", str(tmp_path / "d"), "--no-progress"])
+    msg = str(e.value.code)
+    assert msg.startswith("error: http://127.0.0.1:9 is unreachable") and "20 task(s) of the setting (unifiedqa:ai2_science_middle, " in msg
+    assert "\n" not in msg
+    assert not (tmp_path / "d").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # unifiedqa:* tasks: UnifiedQA's TSV lines, parsed and sampled as MetaICL's preprocess/unifiedqa.py does
 
 
@@ -487,7 +598,8 @@ UQA_TRAIN = {t: ("what is it? \\n " + ("(A) blue sky (B) red sea \\n " if t[len(
              for t in ms.TASK_INFO if t.startswith(uq.PREFIX)}
 SCIQ = {"question": "Q?", "distractor3": "d3", "distractor1": "d1", "distractor2": "d2", "correct_answer": "right",
         "support": "S."}
-HUB_ROWS = {**{t: (rows, [(*w, ms.TASK_INFO[t]["options"]) for w in want]) for t, (rows, want) in CLASS_ROWS.items()},
+HUB_ROWS = {**{t: (rows, [(*w, []) for w in want]) for t, (rows, want) in FREE_ROWS.items()},
+            **{t: (rows, [(*w, ms.TASK_INFO[t]["options"]) for w in want]) for t, (rows, want) in CLASS_ROWS.items()},
             **CHOICE_ROWS, "sciq": ([SCIQ], [(" S.Q?", "right", ["d1", "d2", "d3", "right"])])}
 
 
@@ -515,10 +627,10 @@ def whole_setting_load(spec):
 def test_build_a_whole_setting(tmp_path, monkeypatch):
     setting = "qa_to_qa"
     out = tmp_path / "metaicl"
-    written = b.build(setting, out, load=whole_setting_load, progress=False, skip_missing=True)
+    assert mt.missing(setting) == []
+    written = b.build(setting, out, load=whole_setting_load, progress=False)
     s = ms.SETTINGS[setting]
-    assert written == {k: [t for t in s[k] if t in mt.REGISTRY] for k in s}
-    assert set(written["test"]) == set(s["test"])  # every test task of qa_to_qa has a converter
+    assert written == s
     assert data.load_setting(out, setting)["test"] == written["test"]
     for task in sorted(set(written["train"]) | set(written["test"])):
         if task.startswith(uq.PREFIX):
