@@ -254,6 +254,8 @@ def unifiedqa_task_files(spec: uq.UnifiedQASpec, raw: Mapping[str, list[str]], *
         files[f"{task}_{ms.TRAIN_K}_{ms.TRAIN_SEED}_train.jsonl"] = examples
         pool = len(examples)
     if test:
+        if "test" not in raw:
+            raise BuildError(f"{task}: MetaICL uses it as a training task only; it has no test file")
         demo_pool = [uq.test_example(task, line) for line in raw["train"] if line.strip()]
         test_queries = [uq.test_example(task, line) for line in raw["test"] if line.strip()]
         _check_sizes(task, len(demo_pool), len(test_queries), train=False, test=True)

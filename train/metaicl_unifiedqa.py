@@ -1,9 +1,10 @@
 """MetaICL's unifiedqa:* tasks: UnifiedQA's TSV files, parsed and sampled as MetaICL's preprocess/unifiedqa.py does.
 
 These 20 tasks (qa_to_qa's and non_qa_to_qa's) are not hub datasets. MetaICL downloads a zip of UnifiedQA's
-files from Google Drive; the same files are in UnifiedQA's public bucket, one directory per dataset with
-train.tsv / dev.tsv / test.tsv, one "input<TAB>output" per line with literal "\\n" separating question,
-choices and passage. This module reads them from `URL` (or any copy: `files(...)` names what is needed).
+files from Google Drive; this module reads them from UnifiedQA's public bucket (`URL`, as TensorFlow Datasets'
+unified_qa does), which has one directory per dataset with train.tsv / dev.tsv / test.tsv, one
+"input<TAB>output" per line with literal "\\n" separating question, choices and passage. That the bucket's
+files equal those in MetaICL's zip is assumed, not checked (no network here).
 
 MetaICL treats them differently from the hub tasks, and so does this module:
 - test tasks (`test_example`): a line whose last "\\n"-part starts with "(A)" becomes a multi-choice example
@@ -53,7 +54,10 @@ class UnifiedQASpec:
 
     @property
     def files(self) -> dict[str, str]:
-        """{"train": file, "test": file}: the pool and the test queries."""
+        """{"train": the pool's file} and, for a test task (MetaICL's multi-choice ones), {"test": the queries' file}.
+        MetaICL reads no other: some datasets have no test.tsv."""
+        if TASK_INFO[self.name]["type"] != "multi-choice":
+            return {"train": "train.tsv"}
         return {"train": "train.tsv", "test": "dev.tsv" if self.dataset in TEST_FROM_DEV else "test.tsv"}
 
     def urls(self) -> dict[str, str]:

@@ -449,6 +449,7 @@ def test_unifiedqa_test_lines():
     assert spec.urls() == {"train": "https://storage.googleapis.com/unifiedqa/data/mctest/train.tsv",
                            "test": "https://storage.googleapis.com/unifiedqa/data/mctest/dev.tsv"}
     assert mt.REGISTRY["unifiedqa:openbookqa"].files["test"] == "test.tsv"
+    assert mt.REGISTRY["unifiedqa:drop"].files == {"train": "train.tsv"}  # a training task: no test file read
     pool = [f"line {i}" for i in range(40)]
     for seed in ms.TEST_SEEDS:  # MetaICL: np.random.seed(seed); permutation(range(n))[:k]
         np.random.seed(seed)
