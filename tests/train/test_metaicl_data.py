@@ -6,7 +6,12 @@
 - splits and k-shot samples equal an independent replay of MetaICL's numpy shuffles;
 - the written directory loads with train/data.py and feeds the episode sampler;
 - an unreachable hub, a missing converter and a bad row are reported by name."""
+import importlib
 import json
+import os
+import sys
+import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -589,6 +594,88 @@ def test_build_matches_metaicl_sampling_and_loads(tmp_path, toy, tiny):
     b.build("toy", out, load=load, progress=False)
     assert before == {p.relative_to(out): p.read_bytes() for p in out.rglob("*.jsonl")}
     assert (out / "other_task").is_dir() and not list(out.glob(".*"))  # no temporary leftovers
+
+
+# ---------------------------------------------------------------------------------------------------------
+# against MetaICL's own scripts (opt-in: METAICL_REPO=/path/to/a/facebookresearch/MetaICL checkout)
+
+METAICL_REPO = os.environ.get("METAICL_REPO")
+SCRIPT = {"superglue-copa": "superglue_copa", "superglue-multirc": "superglue_multirc", "wino_grande": "winogrande",
+          "ade_corpus_v2-dosage": "ade_dosage", "superglue-record": "superglue_record"}
+
+
+@pytest.fixture
+def metaicl_scripts(monkeypatch):
+    """MetaICL's preprocess/ modules, imported as its scripts run (from that directory, with --do_test)."""
+    pre = Path(METAICL_REPO) / "preprocess"
+    monkeypatch.chdir(pre)
+    monkeypatch.syspath_prepend(str(pre))
+    monkeypatch.setattr(sys, "argv", ["preprocess", "--do_test"])
+    monkeypatch.setitem(sys.modules, "wget", types.ModuleType("wget"))  # proto_qa imports it, never used here
+    before = set(sys.modules)
+    yield lambda name: importlib.import_module(name)
+    for name in set(sys.modules) - before:  # their names ("utils", "squad", ...) must not shadow anything later
+        del sys.modules[name]
+
+
+@pytest.mark.skipif(not METAICL_REPO, reason="set METAICL_REPO to a MetaICL checkout to compare with its scripts")
+def test_same_lines_as_metaicl_scripts(metaicl_scripts, tmp_path):
+    fg, mu, muq = (metaicl_scripts(n) for n in ("fewshot_gym_dataset", "utils", "unifiedqa"))
+    configs = mu.load_configs()
+    cases = {**CHOICE_ROWS, **CLASS_ROWS, **FREE_ROWS, "sciq": HUB_ROWS["sciq"]}
+    cases["wino_grande"] = (cases["wino_grande"][0][:1], None)  # MetaICL's int("") fails on an unlabelled row
+    for task, (rows, _) in sorted(cases.items()):
+        family, _, variant = task.partition("-")
+        name = SCRIPT.get(task) or ("lama" if family == "lama" else family if variant and family in
+                                    ("quartz", "race", "squad", "blimp") else task)
+        module = metaicl_scripts(name)
+        cls = next(c for c in vars(module).values() if isinstance(c, type) and issubclass(c, fg.FewshotGymDataset)
+                   and c.__module__ == name)
+        gym = cls(variant) if name in ("quartz", "race", "squad", "lama", "blimp") else cls()
+        ref = [mu.preprocess(task, line, configs[task]) for line in gym.map_hf_dataset_to_list({"s": rows}, "s")]
+        assert [json.loads(r) for r in ref if r is not None] == lines_of(task, rows), task
+
+    # preprocess on random inputs full of markers; an error is MetaICL's assert
+    rng, marks = np.random.RandomState(0), ["Q", "a", " (A) ", " (B) ", "(A)", "(B)", " (1) ", " (2) ", "[SEP]",
+                                            " [SEP] ", " or", ".", "\\n", " ", "SEP", "aster", "NO ANSWER!", "\t"]
+    for task in ("codah", "quarel", "quail", "race-high", "ai2_arc", "superglue-multirc", "cosmos_qa", "tweet_qa"):
+        for _ in range(500):
+            x, y = ("".join(rng.choice(marks, rng.randint(1, n))) for n in (12, 4))
+            try:
+                ref = mu.preprocess(task, (x, y), configs[task])
+                ref = ref and json.loads(ref)
+            except AssertionError:
+                ref = "error"
+            try:
+                ours = ms.preprocess(task, (x, y))
+            except ms.ConversionError:
+                ours = "error"
+            assert ours == ref, (task, x, y)
+
+    # unifiedqa: MetaICL's process_train / process_test on the same files
+    words = [f"w{i}" for i in range(400)]
+    long = [" ".join(words[:37 * i % 390] + ["golden", "key"] + words[37 * i % 390 + 2:]) for i in range(30)]
+    train = ([f"Where is key {i}? \\n {c}\tgolden key\n" for i, c in enumerate(long)]
+             + [f"Who won {i}? \\n Ann won race {i}.\tAnn\n" for i in range(30)] + ["junk\n", "Who? \\n Ann.\tBob\n"])
+    for t, lines in [("quoref", train), ("natural_questions_with_dpr_para", train), ("squad2", train),
+                     ("race_string", [f"Q{i} \\n (A) blue sky (B) red \\n the blue sky {i}.\tblue sky\n" for i in range(9)])]:
+        (tmp_path / f"unifiedqa:{t}").mkdir()
+        (tmp_path / f"unifiedqa:{t}" / "train.tsv").write_text("".join(lines))
+        muq.process_train(str(tmp_path), [t], 200, k=25, seed=100)
+        ref = [json.loads(line) for line in open(tmp_path / f"unifiedqa:{t}" / f"unifiedqa:{t}_25_100_train.jsonl")]
+        assert ref == uq.train_examples(f"unifiedqa:{t}", lines, 25, np.random.RandomState(100)), t
+    test = ([f"What is {i}? \\n (A) a star (B) planet {i}\ta star\n" for i in range(40)]
+            + [f"q{i}? \\n (A) x (B) y{i} \\n fact {i}.\ty{i}\n" for i in range(20)] + ["is it? \\n ctx\tyes\n", "\n"])
+    for t in ("openbookqa", "qasc_with_ir"):
+        spec = mt.REGISTRY[f"unifiedqa:{t}"]
+        (tmp_path / spec.name).mkdir()
+        for split, name in spec.files.items():
+            (tmp_path / spec.name / name).write_text("".join(test if split == "train" else test[::7]))
+        muq.process_test(str(tmp_path), [t], k=16, seeds=list(ms.TEST_SEEDS))
+        files = b.unifiedqa_task_files(spec, {"train": test, "test": test[::7]}, train=False, test=True).files
+        assert sorted(files) == sorted(p.name for p in (tmp_path / spec.name).glob("*.jsonl"))
+        for name, examples in files.items():
+            assert [json.loads(line) for line in open(tmp_path / spec.name / name)] == examples, name
 
 
 # one whole setting: every task's data mocked by local Datasets (the rows above) or TSV lines
