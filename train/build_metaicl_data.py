@@ -176,7 +176,8 @@ def convert_split(spec: ms.TaskSpec, ds: Mapping[str, object], split: str) -> li
         try:
             pair = spec.convert(row)
         except errors as e:
-            raise ms.ConversionError(f"{spec.name}: split {split!r}, row {i}: {type(e).__name__}: {e} {where}") from None
+            raise ms.ConversionError(f"{spec.name}: split {split!r}, row {i}: {type(e).__name__}: {e} "
+                                     f"{where}") from None
         if pair is not None:
             out.append(pair)
     return out

@@ -62,7 +62,7 @@ class Splits:
 class TaskSpec:
     name: str
     path: str
-    """Hub dataset id, as MetaICL loads it (`datasets.load_dataset(path, config)`); with `data_files`, where they are from."""
+    """Hub dataset id, as MetaICL loads it (`datasets.load_dataset(path, config)`); with `data_files`, their origin."""
     config: str | None
     convert: Callable[[dict], Pair | None] | None = None
     """One row → (input, output), or None to drop it."""

@@ -8,9 +8,9 @@ assembles them:
 - metaicl_unifiedqa.UNIFIEDQA: the unifiedqa:* tasks, from UnifiedQA's TSV files.
 What a converter is, the task lists and MetaICL's common preprocessing are in metaicl_spec.py.
 
-Every task of the seven settings has one; `missing(setting)` lists a setting's tasks without a converter
-(`train/build_metaicl_data.py --list` prints them per setting) for when MetaICL's task lists change. Adding one is a spec in the module of its type plus a test row in
-tests/train/test_metaicl_data.py.
+Every task of the seven settings has one. `missing(setting)` lists a setting's tasks without a converter
+(`train/build_metaicl_data.py --list` prints them per setting), for when the task lists change; adding one is
+a spec in the module of its type plus a test row in tests/train/test_metaicl_data.py.
 """
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ from mamlen.train import build_metaicl_data as b
 from mamlen.train import data, metaicl_spec as ms, metaicl_tasks as mt, metaicl_unifiedqa as uq
 from mamlen.train.metaicl_class_tasks import CLASSIFICATION
 
-LABEL_FIELD = {"boolq": "answer", "circa": "goldstandard2", "climate_fever": "claim_label", "hate_speech_offensive": "class",
+LABEL_FIELD = {"boolq": "answer",
+               "circa": "goldstandard2", "climate_fever": "claim_label", "hate_speech_offensive": "class",
                "trec": "label-coarse", "trec-finegrained": "label-fine", "yahoo_answers_topics": "topic",
                **{t: t.split("-", 1)[1] for t in mt.REGISTRY if t.startswith("ethos-")}}
 SPECIAL = {"google_wellformed_query", "hatexplain", "kilt_fever", "scitail",  # no label index: tested below
@@ -232,7 +233,8 @@ CHOICE_ROWS = {
     "dream": ([{"id": 1, "dialogue_id": "5-1", "dialogue": ["M: Hi.", "W: Hello."], "question": "Who spoke first?",
                 "choice": ["The man.", "The woman.", "Nobody."], "answer": "The man."}],
               [("Who spoke first? [SEP] M: Hi. W: Hello. [SEP]", "The man.", ["The man.", "The woman.", "Nobody."])]),
-    "hellaswag": ([{"ind": 4, "activity_label": "Sitting", "ctx_a": "A man sits.", "ctx_b": "he", "ctx": "A man sits. he",
+    "hellaswag": ([{"ind": 4, "activity_label": "Sitting", "ctx_a": "A man sits.", "ctx_b": "he",
+                    "ctx": "A man sits. he",
                     "endings": ["reads.", "runs.", "flies.", "swims."], "source_id": "s", "split": "train",
                     "split_type": "indomain", "label": "1"}],
                   [("A man sits. he", "runs.", ["reads.", "runs.", "flies.", "swims."])]),
@@ -253,7 +255,8 @@ CHOICE_ROWS = {
                 {"id": "s", "answer_index": 0, "logical_forms": ["lf"], "logical_form_pretty": "lfp",
                  "world_literals": {"world1": ["car"], "world2": ["bike"]},
                  "question": "Which is faster? (A) a car or (B) a bike"}],
-               [("Which is faster?", "a bike", ["a car", "a bike"]), ("Which is faster?", "a car", ["a car", "a bike"])]),
+               [("Which is faster?", "a bike", ["a car", "a bike"]),
+                ("Which is faster?", "a car", ["a car", "a bike"])]),
     "quartz-no_knowledge": ([{"id": "z", "para": "More heat, more melting.", "para_id": "p", **KEYED(
                                  "Hotter ice melts", "A", ["more", "less"])}],
                             [("Hotter ice melts", "more", ["more", "less"])]),
@@ -316,8 +319,8 @@ def test_sciq_shuffles_choices_with_one_rng_per_split():
         np.random.shuffle(opts)
         orders.append(opts)
     assert orders[0] != orders[2]
-    assert lines_of("sciq", rows) == [ex("sciq", " S 1.Q1", "right", orders[0]), ex("sciq", " S2.Q2", "right", orders[1]),
-                                      ex("sciq", "Q3", "right", orders[2])]
+    assert lines_of("sciq", rows) == [ex("sciq", " S 1.Q1", "right", orders[0]),
+                                      ex("sciq", " S2.Q2", "right", orders[1]), ex("sciq", "Q3", "right", orders[2])]
     assert lines_of("sciq", rows, split="validation") == lines_of("sciq", rows)  # a fresh RNG per split
 
 
@@ -360,13 +363,15 @@ FREE_ROWS = {
                     "template": "The capital of [X] is [Y] .", "template_negated": "", "label": "capital",
                     "description": "d", "type": "N-1"}], [("The capital of France is [MASK] .", "Paris")]),
     "proto_qa": ([{"question": {"normalized": "name something red", "original": "Name something red."},
-                   "answers": {"raw": {"apple": 10, "fire truck": 5}}, "num": {"answers": 2}, "metadata": {"id": "r1"}}],
+                   "answers": {"raw": {"apple": 10, "fire truck": 5}}, "num": {"answers": 2},
+                   "metadata": {"id": "r1"}}],
                  [("name something red", "apple")]),
     "qa_srl": ([{"sentence": "He ate .", "sent_id": "1", "predicate_idx": 1, "predicate": "ate",
                  "question": ["who", "_", "ate", "_", "_", "_", "?"], "answers": ["He"]}],
                [("question: who _ ate _ _ _ ? context: He ate .", "He")]),
     "quoref": ([{"id": "q", "question": "Who?", "context": "Ann\nmet Bob.", "title": "t", "url": "u",
-                 "answers": {"answer_start": [0], "text": ["Ann"]}}], [("question: Who? context: Ann met Bob.", "Ann")]),
+                 "answers": {"answer_start": [0], "text": ["Ann"]}}],
+               [("question: Who? context: Ann met Bob.", "Ann")]),
     "ropes": ([{"id": "r", "background": "B\n.", "situation": "S.", "question": "Q?", "answers": {"text": ["x", "y"]}}],
               [("question: Q? [SEP] situation: S. [SEP] background: B .", "x")]),
     "search_qa": ([{"category": "HISTORY", "air_date": "2004-12-31", "question": "'He was first'", "value": "$200",
@@ -381,7 +386,8 @@ FREE_ROWS = {
     "superglue-record": ([{"passage": "P\nq", "query": "@placeholder won", "entities": ["Ann"],
                            "entity_spans": {"text": ["Ann"], "start": [0], "end": [3]}, "answers": ["Ann", "ann"],
                            "idx": {"passage": 0, "query": 0}}], [("question: @placeholder won context: P q", "Ann")]),
-    "tweet_qa": ([{"Question": "Q?", "Answer": ["A", "B"], "Tweet": "T", "qid": "1"}], [("question: Q? context: T", "A")]),
+    "tweet_qa": ([{"Question": "Q?", "Answer": ["A", "B"], "Tweet": "T", "qid": "1"}],
+                 [("question: Q? context: T", "A")]),
     "web_questions": ([{"url": "u", "question": "what is x?", "answers": ["a", "b"]}], [("what is x?", "a")]),
     "wikisql": ([{"phase": 1, "question": "how many?", "table": {"header": ["h"], "page_title": "p"},
                   "sql": {"human_readable": " SELECT x ", "sel": 0, "agg": 0,
@@ -417,7 +423,8 @@ def test_non_hub_files_are_downloaded_and_parsed_as_metaicl_reads_them(tmp_path,
     assert b.load_source(mt.REGISTRY["proto_qa"]) == {"train": FREE_ROWS["proto_qa"][0] * 2}
     raw = b.load_source(mt.REGISTRY["unifiedqa:mctest"])
     assert raw["train"] == ["q1 \\n (A) x (B) y\tx\n", "q2 \\n (A) x (B) y\ty\n", "\n"]  # universal newlines
-    assert fetched[0] == ("proto_qa", "https://raw.githubusercontent.com/iesl/protoqa-data/master/data/train/train.jsonl")
+    assert fetched[0] == ("proto_qa",
+                          "https://raw.githubusercontent.com/iesl/protoqa-data/master/data/train/train.jsonl")
     assert fetched[1:] == [("unifiedqa:mctest", u) for u in mt.REGISTRY["unifiedqa:mctest"].urls().values()]
 
 
@@ -427,7 +434,8 @@ def test_an_unreachable_file_server_is_named(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         b.main(["--setting", "qa_to_qa", "--out", str(tmp_path / "d"), "--no-progress"])
     msg = str(e.value.code)
-    assert msg.startswith("error: http://127.0.0.1:9 is unreachable") and "20 task(s) of the setting (unifiedqa:ai2_science_middle, " in msg
+    assert msg.startswith("error: http://127.0.0.1:9 is unreachable")
+    assert "20 task(s) of the setting (unifiedqa:ai2_science_middle, " in msg
     assert "\n" not in msg
     assert not (tmp_path / "d").exists()
 
@@ -658,7 +666,7 @@ def test_same_lines_as_metaicl_scripts(metaicl_scripts, tmp_path):
     train = ([f"Where is key {i}? \\n {c}\tgolden key\n" for i, c in enumerate(long)]
              + [f"Who won {i}? \\n Ann won race {i}.\tAnn\n" for i in range(30)] + ["junk\n", "Who? \\n Ann.\tBob\n"])
     for t, lines in [("quoref", train), ("natural_questions_with_dpr_para", train), ("squad2", train),
-                     ("race_string", [f"Q{i} \\n (A) blue sky (B) red \\n the blue sky {i}.\tblue sky\n" for i in range(9)])]:
+                     ("race_string", [f"Q{i} \\n (A) x (B) y \\n the blue sky {i}.\tblue sky\n" for i in range(9)])]:
         (tmp_path / f"unifiedqa:{t}").mkdir()
         (tmp_path / f"unifiedqa:{t}" / "train.tsv").write_text("".join(lines))
         muq.process_train(str(tmp_path), [t], 200, k=25, seed=100)
@@ -680,7 +688,8 @@ def test_same_lines_as_metaicl_scripts(metaicl_scripts, tmp_path):
 
 # one whole setting: every task's data mocked by local Datasets (the rows above) or TSV lines
 
-UQA_TEST = ("What is the sun? \\n (A) a star (B) a planet\ta star\n", ("What is the sun? ", "a star", ["a star", "a planet"]))
+UQA_TEST = ("What is the sun? \\n (A) a star (B) a planet\ta star\n",
+            ("What is the sun? ", "a star", ["a star", "a planet"]))
 UQA_TRAIN = {t: ("what is it? \\n " + ("(A) blue sky (B) red sea \\n " if t[len(uq.PREFIX):] in uq.THREE_PARTS else "")
                  + "it is the blue sky.\tblue sky\n", ("what is it? \\n it is the blue sky.", "blue sky", []))
              for t in ms.TASK_INFO if t.startswith(uq.PREFIX)}
@@ -747,7 +756,8 @@ def test_errors_name_what_is_wrong(tmp_path, toy, monkeypatch):
     load, _ = toy
     monkeypatch.setitem(ms.SETTINGS, "partial", {"train": ["glue-mrpc", "no_such_task"], "test": ["superglue-cb"],
                                                  "unseen_domain_test": []})
-    with pytest.raises(b.BuildError, match=r"partial: no converter yet for 1 of its tasks \(no_such_task\)\. .*--skip-missing"):
+    with pytest.raises(b.BuildError, match=r"partial: no converter yet for 1 of its tasks \(no_such_task\)\. "
+                                           r".*--skip-missing"):
         b.build("partial", tmp_path / "x", load=load)
     assert b.build("partial", tmp_path / "x", load=load, skip_missing=True, progress=False)["train"] == ["glue-mrpc"]
     with pytest.raises(b.BuildError, match="unknown"):
