@@ -85,15 +85,15 @@ def _endpoint_ok(endpoint: str, timeout: float) -> str | None:
 
 def check_sources(specs, timeout: float = 5.0) -> None:
     """Fail fast, with a clear message, when a server the tasks need cannot be reached (datasets would retry
-    for ~30 s a task)."""
-    hub = [s for s in specs if isinstance(s, ms.TaskSpec) and not s.data_files]
-    offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-    if hub and not offline:  # offline mode: datasets reads its local cache
+    for ~30 s a task). In offline mode datasets reads its local cache, downloaded files included: no check."""
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return
+    if any(isinstance(s, ms.TaskSpec) and not s.data_files for s in specs):
         endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
         if (err := _endpoint_ok(endpoint, timeout)) is not None:
             raise BuildError(f"the Hugging Face hub ({endpoint}) is unreachable from this machine ({err}). Build the "
                              f"data where it is reachable and copy the output directory here, or set "
-                             f"HF_DATASETS_OFFLINE=1 to use datasets already in the local cache.")
+                             f"HF_DATASETS_OFFLINE=1 to use datasets (and files) already in the local cache.")
     others: dict[str, list[str]] = {}
     for s in specs:
         urls = s.urls().values() if isinstance(s, uq.UnifiedQASpec) else (s.data_files or {}).values()
@@ -106,7 +106,8 @@ def check_sources(specs, timeout: float = 5.0) -> None:
             raise BuildError(f"{endpoint} is unreachable from this machine ({err}); it serves the files of "
                              f"{len(names)} task(s) of the setting ({', '.join(names[:3])}"
                              f"{', ...' if len(names) > 3 else ''}). Build the data where it is reachable and copy "
-                             f"the output directory here.")
+                             f"the output directory here, or set HF_DATASETS_OFFLINE=1 to use files already in "
+                             f"the local cache.")
 
 
 def hub_load(spec: ms.TaskSpec) -> Mapping[str, object]:

@@ -429,10 +429,15 @@ def test_non_hub_files_are_downloaded_and_parsed_as_metaicl_reads_them(tmp_path,
 
 
 def test_an_unreachable_file_server_is_named(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # the hub part is read from the cache
-    monkeypatch.setattr(uq, "URL", "http://127.0.0.1:9/unifiedqa/{dataset}/{file}")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(uq, "URL", "http://127.0.0.1:9/unifiedqa/{dataset}/{file}")  # the discard port
+    uqa = sorted(t for t in ms.TASK_INFO if t.startswith(uq.PREFIX))  # no hub task: only the bucket is checked
+    monkeypatch.setitem(ms.SETTINGS, "uqa", {"train": [t for t in uqa if ms.TASK_INFO[t]["type"] != "multi-choice"],
+                                             "test": [t for t in uqa if ms.TASK_INFO[t]["type"] == "multi-choice"],
+                                             "unseen_domain_test": []})
     with pytest.raises(SystemExit) as e:
-        b.main(["--setting", "qa_to_qa", "--out", str(tmp_path / "d"), "--no-progress"])
+        b.main(["--setting", "uqa", "--out", str(tmp_path / "d"), "--no-progress"])
     msg = str(e.value.code)
     assert msg.startswith("error: http://127.0.0.1:9 is unreachable")
     assert "20 task(s) of the setting (unifiedqa:ai2_science_middle, " in msg
