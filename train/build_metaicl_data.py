@@ -248,6 +248,7 @@ def hub_task_files(task: str, lines: TaskLines, *, train: bool, test: bool) -> T
 
 def unifiedqa_task_files(spec: uq.UnifiedQASpec, raw: Mapping[str, list[str]], *, train: bool,
                          test: bool) -> TaskFiles:
+    """The training pool (its own filtering and sampling) and/or the five 16-shot samples with the test queries."""
     task, files = spec.name, {}
     pool = queries = 0
     if train:
@@ -264,7 +265,7 @@ def unifiedqa_task_files(spec: uq.UnifiedQASpec, raw: Mapping[str, list[str]], *
         for seed in ms.TEST_SEEDS:  # no dev sample, as in MetaICL
             files[f"{task}_{ms.TEST_K}_{seed}_train.jsonl"] = uq.test_demonstrations(demo_pool, ms.TEST_K, seed)
             files[f"{task}_{ms.TEST_K}_{seed}_test.jsonl"] = test_queries
-        pool, queries = max(pool, len(demo_pool)), len(test_queries)
+        pool, queries = len(demo_pool), len(test_queries)
     return TaskFiles(files, pool=pool, queries=queries)
 
 
