@@ -5,7 +5,8 @@
     OMP_NUM_THREADS=1 python bench/study.py run --plan pilot                # MetaICL score vs meta-steps
     OMP_NUM_THREADS=1 python bench/study.py run --plan main                 # arms x training seeds
     python bench/study.py list --plan main                                  # runs, budgets, done or not
-    python bench/study.py report                                            # bench/results/study.md
+    python bench/study.py report                                            # bench/results/study_report.md
+    python bench/study.py import-training NAME --metrics runs/study/NAME/metrics.jsonl   # per-step log of an old run
 
 Primary metric (train/evaluate.py): per query, the gold option's mean-token NLL and the margin (best wrong
 option's loss − gold's), k = 16 demonstrations, 3 demonstration seeds, every test task of the setting and its
@@ -16,7 +17,8 @@ demonstration seeds). Improvements are signed so that > 0 is better: Δ NLL = NL
 
 A plan is a list of runs. Each run trains with train/meta.py's `train()` (preset `study` + overrides) to its
 `steps`, evaluates the final weights, and writes bench/results/study/NAME.json (summary, config, compute, commit)
-and NAME.pq.json.gz (every query's scores). A run whose JSON exists is skipped; a killed run resumes from its
+NAME.pq.json.gz (every query's scores) and, for trained runs, NAME.train.json.gz (every meta-step's loss and
+adapt_gain). A run whose JSON exists is skipped; a killed run resumes from its
 checkpoint in runs/study/ (not in git). Runs of one `track` share an output directory and continue one another
 (the pilot's curve points: constant learning rate after warmup, so stopping at step 100 then going on to 200 is
 the same trajectory as one run to 200). A run refuses to start from a tree with changes outside bench/results/
@@ -255,7 +257,7 @@ def execute(plan: Plan, run: Run, results_dir: Path = RESULTS_DIR, work_dir: Pat
                              "track must be executed in order of steps")
         t_cpu, t_wall = time.process_time(), time.perf_counter()
         rec["status"] = meta.train(cfg)
-        steps = [m for m in _read_jsonl(Path(cfg.output_dir) / "metrics.jsonl") if m["step"] <= run.steps]
+        steps = training_log(Path(cfg.output_dir) / "metrics.jsonl", run.steps)
         gains = [m["adapt_gain"] for m in steps if m.get("adapt_gain") is not None
                  and math.isfinite(m["adapt_gain"])]
         rec["compute"] = {"train_cpu_s_this_process": time.process_time() - t_cpu,
@@ -268,6 +270,8 @@ def execute(plan: Plan, run: Run, results_dir: Path = RESULTS_DIR, work_dir: Pat
                            "loss_last10": _mean([m["loss"] for m in steps[-10:]]),
                            "adapt_gain_mean": _mean(gains), "adapt_gain_last50": _mean(gains[-50:]),
                            "skipped": sum(bool(m.get("skipped")) for m in steps)}
+        if rec["status"] == 0:
+            write_training_log(results_dir, run.name, Path(cfg.output_dir) / "metrics.jsonl", run.steps)
         gc.collect()
     model, tok = models.load_model(cfg.model.name, dtype=getattr(torch, cfg.model.dtype))
     if rec["status"] == 0:
@@ -289,6 +293,30 @@ def execute(plan: Plan, run: Run, results_dir: Path = RESULTS_DIR, work_dir: Pat
         for ck_dir in Path(cfg.output_dir).glob("ckpt-*"):
             shutil.rmtree(ck_dir, ignore_errors=True)
     return rec
+
+
+TRAIN_FIELDS = ("step", "loss", "support_loss", "query_loss_before", "adapt_gain", "grad_norm", "tokens", "skipped")
+
+
+def training_log(metrics_path: Path, steps: int) -> list[dict]:
+    """A run's first `steps` meta-steps from its metrics.jsonl, one record per step (the last one logged: a resumed
+    run logs the steps after its checkpoint again), with the fields of TRAIN_FIELDS it has."""
+    by_step = {}
+    for m in _read_jsonl(metrics_path):
+        if m["step"] <= steps:
+            by_step[m["step"]] = {k: m[k] for k in TRAIN_FIELDS if k in m}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def write_training_log(results_dir: Path, name: str, metrics_path: Path, steps: int) -> Path:
+    """NAME.train.json.gz: the per-step training record next to the run's JSON (checkpoints and metrics.jsonl stay
+    out of git; this is what the report's adaptation table reads)."""
+    log = training_log(Path(metrics_path), steps)
+    if len(log) != steps:
+        raise SystemExit(f"{metrics_path}: {len(log)} of the run's {steps} meta-steps are logged")
+    path = Path(results_dir) / f"{name}.train.json.gz"
+    _write(path, {"name": name, "metrics": str(metrics_path), "steps": log})
+    return path
 
 
 def _continued(plan: Plan, run: Run) -> bool:
@@ -563,6 +591,39 @@ def compute_table(results: dict) -> list[str]:
     return out
 
 
+def load_training_logs(results_dir: Path) -> dict[str, list[dict]]:
+    return {p.name[:-len(".train.json.gz")]: json.loads(gzip.decompress(p.read_bytes()))["steps"]
+            for p in sorted(Path(results_dir).glob("*.train.json.gz"))}
+
+
+def adaptation_table(results: dict, logs: dict[str, list[dict]]) -> list[str]:
+    """Issue 13 item 2 during training: adapt_gain = L_Q(θ) − L_Q(φ_K) at every meta-step (mean over the step's
+    tasks; > 0: the inner step lowered the query loss). Per run: the mean with a t interval over steps (descriptive:
+    θ moves, so steps are not identically distributed), the share of positive steps, the first and last 25 steps.
+    Per arm with ≥ 2 seeds: the mean of the runs' means with a t interval over seeds (n − 1 dof)."""
+    out = ["| run | arm | steps | mean adapt_gain | 95% t CI (steps) | steps > 0 | first 25 | last 25 |",
+           "|---|---|---:|---:|---|---:|---:|---:|"]
+    by_arm: dict[str, list[float]] = {}
+    for name, log in logs.items():
+        g = [m["adapt_gain"] for m in log if m.get("adapt_gain") is not None and math.isfinite(m["adapt_gain"])]
+        if len(g) < 2 or name not in results:
+            continue
+        t = stats.paired_t(g)
+        arm = results[name]["arm"]
+        if results[name].get("plan") == "main":
+            by_arm.setdefault(arm, []).append(t.mean)
+        out.append(f"| {name} | {arm} | {len(g)} | {t.mean:+.4f} | [{t.low:+.4f}, {t.high:+.4f}] | "
+                   f"{sum(x > 0 for x in g)}/{len(g)} | {_mean(g[:25]):+.4f} | {_mean(g[-25:]):+.4f} |")
+    if len(out) == 2:
+        return ["No run with a per-step training log that measured adaptation yet."]
+    for arm, means in by_arm.items():
+        if len(means) >= 2:
+            t = stats.paired_t(means)
+            out.append(f"| **{ARMS[arm][0]}, {len(means)} seeds** | {arm} | | {t.mean:+.4f} | "
+                       f"[{t.low:+.4f}, {t.high:+.4f}] (seeds) | | | |")
+    return out
+
+
 def _shown(path: Path) -> str:
     path = Path(path).resolve()
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
@@ -585,6 +646,8 @@ def report(results_dir: Path = RESULTS_DIR, md_path: Path | None = None, n_boot:
     comps = main_comparisons(results_dir, n_boot)
     md += ["", "## Main plan: paired comparisons", ""] + main_table(comps)
     md += ["", "### Power", ""] + power_table(comps)
+    md += ["", "## The inner step during training (adapt_gain, nats/token)", ""]
+    md += adaptation_table(results, load_training_logs(results_dir))
     md += ["", "## Runs and compute", ""] + compute_table(results)
     text = "\n".join(md) + "\n"
     md_path.write_text(text)
@@ -609,6 +672,11 @@ def main(argv=None) -> int:
                        help="main plan: MetaICL-on-equal-CPU-time steps = this x --steps (measured CPU ratio)")
     rep = sub.add_parser("report", help="write bench/results/study_report.md from the JSONs present")
     rep.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    it = sub.add_parser("import-training", help="write NAME.train.json.gz from a finished run's metrics.jsonl "
+                        "(runs made before execute() wrote it)")
+    it.add_argument("name")
+    it.add_argument("--metrics", type=Path, required=True, help="the run's output dir's metrics.jsonl")
+    it.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     pr = sub.add_parser("probe-inner-lr", help="adapt_gain vs inner lr (written to bench/results/study_probe.md)")
     pr.add_argument("--lrs", default="1e-5,3e-5,1e-4,3e-4,1e-3")
     pr.add_argument("--steps", type=int, default=8, help="meta-batches of the preset to draw tasks from")
@@ -632,6 +700,13 @@ def main(argv=None) -> int:
         with open(args.output, "a") as f:
             f.write("\n".join(lines) + "\n")
         _write(args.output.with_suffix(f".{sha[:7]}-{res['checkpoint_step']}.json"), res)
+        return 0
+    if args.cmd == "import-training":
+        rec = args.results_dir / f"{args.name}.json"
+        if not rec.exists():
+            raise SystemExit(f"{rec}: no such run JSON (import the log of a finished run)")
+        steps = json.loads(rec.read_text())["run"]["steps"]
+        print(f"wrote {write_training_log(args.results_dir, args.name, args.metrics, steps)}")
         return 0
     if args.cmd == "report":
         report(args.results_dir)

@@ -94,6 +94,8 @@ def test_smoke_plan_end_to_end(tmp_path):
     task = next(iter(pq["test"]))
     assert set(pq["test"][task]) == {"100", "13"} and len(pq["test"][task]["100"]["nll"]) == 4
     assert not list((work / "maml-s0").glob("ckpt-*")), "checkpoints are removed once the JSON is written"
+    log = json.loads(gzip.decompress((results / "maml-s0.train.json.gz").read_bytes()))["steps"]
+    assert [m["step"] for m in log] == [1, 2] and all("adapt_gain" in m for m in log)
     # the curve track: the step-1 run kept its checkpoint for step 2, which resumed from it
     c2 = json.loads((results / "curve-metaicl-s0-step2.json").read_text())
     assert c2["compute"]["resumed_from_step"] == 1 and c2["training"]["steps"] == 2
@@ -116,6 +118,38 @@ def test_smoke_plan_end_to_end(tmp_path):
     assert all(len(c.seeds) == 2 and c.p_holm is not None for c in comps if c.ref != "base" or c.arm == "maml")
     text = study.report(results, tmp_path / "report.md", n_boot=50)
     assert "| MAML-en-LLM − MetaICL |" in text and "MDE" in text
+    assert "| maml-s0 | maml | 2 |" in text  # the inner step during training, from the per-step logs
+
+
+def test_training_log_keeps_the_last_record_of_each_step(tmp_path):
+    # a run resumed from its step-2 checkpoint logs step 3 again; steps past the run's end are not its own
+    rows = [{"step": 1, "loss": 1.0, "adapt_gain": 0.1}, {"step": 2, "loss": 0.9, "adapt_gain": -0.2},
+            {"step": 3, "loss": 5.0, "adapt_gain": 9.0}, {"step": 3, "loss": 0.8, "adapt_gain": 0.3},
+            {"step": 4, "loss": 0.7, "adapt_gain": 0.4}]
+    m = tmp_path / "metrics.jsonl"
+    m.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert study.training_log(m, 3) == [rows[0], rows[1], rows[3]]
+    with pytest.raises(SystemExit, match="4 of the run's 5 meta-steps"):  # a log that misses a step is refused
+        study.write_training_log(tmp_path, "x", m, 5)
+    assert not (tmp_path / "x.train.json.gz").exists()
+
+
+def test_adaptation_table_known_answer():
+    import numpy as np
+    from scipy import stats as st
+
+    gains = {"maml-s0": [0.1, 0.3, -0.1, 0.2], "maml-s1": [0.0, 0.2, 0.1, 0.1]}
+    results = {n: {"arm": "maml", "plan": "main"} for n in gains}
+    logs = {n: [{"step": i + 1, "adapt_gain": g} for i, g in enumerate(v)] for n, v in gains.items()}
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[1:-1]]
+            for r in study.adaptation_table(results, logs)[2:]}
+    g = np.array(gains["maml-s0"])
+    half = st.t.ppf(0.975, 3) * g.std(ddof=1) / 2
+    assert rows["maml-s0"][3] == f"{g.mean():+.4f}"
+    assert rows["maml-s0"][4] == f"[{g.mean() - half:+.4f}, {g.mean() + half:+.4f}]"
+    assert rows["maml-s0"][5] == "3/4"
+    pooled = next(v for k, v in rows.items() if k.startswith("**MAML-en-LLM, 2 seeds"))
+    assert pooled[3] == f"{np.mean([g.mean(), np.mean(gains['maml-s1'])]):+.4f}"
 
 
 def _write_pq(results, name, arm, seed, values, plan="main"):
