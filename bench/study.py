@@ -584,7 +584,7 @@ def compute_table(results: dict) -> list[str]:
     for name, r in results.items():
         c, t = r.get("compute", {}), r.get("training", {})
         ev = sum(e["cpu_s"] for e in r.get("evals", {}).values())
-        g = t.get("adapt_gain_last50")
+        g = t.get("adapt_gain_last50") if r["arm"] in ("maml", "fomaml") else None  # MetaICL has no inner step
         out.append(f"| {name} | {r['arm']} | {r['run']['steps']} | {t.get('tokens', 0)} | "
                    f"{c.get('train_cpu_s_this_process', 0):.0f} | {c.get('resumed_from_step', 0)} | {ev:.0f} | "
                    f"{'–' if g is None else f'{g:+.4f}'} | {r['git'][:7]} |")
