@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from mamlen import kernels
-from mamlen.core import activation_checkpoint, attention, forward_ad, hvp, inner_step
+from mamlen.core import activation_checkpoint, attention, forward_ad, hvp, inner_step, outer_step
 from mamlen.core.arena import ParamArena
 from mamlen.core.config import MetaConfig
 from mamlen.core.loss import Objective, RngState, count_targets
@@ -50,10 +50,6 @@ class _TaskResult:
     support_loss: float       # L_{S_1}(θ)
     query_loss_before: float  # L_Q(θ): the query loss without adaptation
     tokens: int               # target tokens of the query and the support batches
-
-
-# the per-step sums reduced across ranks with G: [tasks, L_Q(φ_K), L_S1(θ), tokens, L_Q(θ)]
-_STATS = ("tasks", "query_loss", "support_loss", "tokens", "query_loss_before")
 
 
 def _sd(dtype):
@@ -120,8 +116,8 @@ class MetaEngine:
             loss_sum += float(loss)
             tokens += count_targets(batch)
         # no adaptation: the "before" loss is the loss itself
-        stats = torch.tensor([len(batches), loss_sum, loss_sum, tokens, loss_sum], dtype=torch.float64,
-                             device=self.arena.device)
+        stats = outer_step.StepSums(tasks=len(batches), query_loss=loss_sum, support_loss=loss_sum, tokens=tokens,
+                                    query_loss_before=loss_sum).tensor(self.arena.device)
         G = self.opt_state.reduce_(G, stats)  # sync point; this rank's shard of the mean when sharded
         return self._outer(G, stats, t0)
 
@@ -130,24 +126,14 @@ class MetaEngine:
         master_weights) — full-size copies (gathered, dequantised), safe to save and loadable at any world size.
         A collective when the state is sharded: every rank must call it."""
         full = self.opt_state.state_dict()
-        state = {"step": self.step_count,
-                 "exp_avg": {n: t.clone() for n, t in self.arena.views(full["exp_avg"]).items()},
-                 "exp_avg_sq": {n: t.clone() for n, t in self.arena.views(full["exp_avg_sq"]).items()}}
-        if full["master"] is not None:
-            masters = [m if m is not None else f.to(kernels.state_dtype(f.dtype))
-                       for m, f in zip(full["master"], self.arena.flats)]
-            state["master"] = {n: t.clone() for n, t in self.arena.views(masters).items()}
+        state = outer_step.export(full, self.arena.flats, self.step_count,
+                                  lambda flats: {n: t.clone() for n, t in self.arena.views(flats).items()})
         if full["quantized"] is not None:  # moments_bits=8: the exact codes ({"exp_avg.codes.<flat>": uint8, ...})
             state["quantized"] = {k: t.clone() for k, t in full["quantized"].items()}
         return state
 
     def load_optimizer_state(self, state: dict) -> None:
-        for key in ("step", "exp_avg", "exp_avg_sq"):
-            if key not in state:
-                raise KeyError(f"load_optimizer_state: missing {key!r}")
-        step = int(state["step"])
-        if step < 0:
-            raise ValueError(f"load_optimizer_state: step must be ≥ 0, got {step}")
+        step = outer_step.loaded_step(state)
         m = self.arena.flatten(state["exp_avg"], _sd)
         v = self.arena.flatten(state["exp_avg_sq"], _sd)
         if any(bool((x < 0).any()) for x in v):
@@ -164,14 +150,17 @@ class MetaEngine:
         self.config.validate()
         self.arena.check_bound()
         G = []  # the first task's G_i becomes the accumulator: one parameter-sized buffer fewer during it
-        sums = torch.zeros(len(_STATS), dtype=torch.float64)
+        sums = outer_step.StepSums(0, 0.0, 0.0, 0, 0.0)
         with self.opt_state.materialized():  # sharded shared moments: gathered in full for this step's tasks
             for i, task in enumerate(tasks):
                 r = self._task_gradient_into(task, G, i)
-                sums += torch.tensor([1.0, r.query_loss, r.support_loss, r.tokens, r.query_loss_before],
-                                     dtype=torch.float64)  # (the default float32 would round the losses)
+                sums.tasks += 1
+                sums.query_loss += r.query_loss
+                sums.support_loss += r.support_loss
+                sums.tokens += r.tokens
+                sums.query_loss_before += r.query_loss_before
         # reduced with G in the same sync
-        stats = sums.to(self.arena.device)
+        stats = sums.tensor(self.arena.device)
         G = self.opt_state.reduce_(G, stats)  # all-reduce, or reduce-scatter to this rank's shard when sharded
         return G, stats
 
@@ -264,21 +253,8 @@ class MetaEngine:
 
     # -- the outer update ---------------------------------------------------------------------------------
     def _outer(self, G, stats, t0) -> dict:
-        cfg = self.config
-        n_tasks, q_sum, s_sum, tokens, before_sum = stats.tolist()
-        loss, support_loss = q_sum / n_tasks, s_sum / n_tasks
         norm = self.opt_state.grad_norm(G)  # over all shards: the same value on every rank
-        finite = math.isfinite(loss) and math.isfinite(support_loss) and math.isfinite(norm)
-        # adapt_gain > 0: the inner step lowered the query loss (L_Q(θ) - L_Q(φ_K), mean over tasks)
-        metrics = {"loss": loss, "support_loss": support_loss, "query_loss_before": before_sum / n_tasks,
-                   "adapt_gain": (before_sum - q_sum) / n_tasks, "grad_norm": norm, "tokens": int(tokens),
-                   "skipped": not finite}
-        if finite:
-            if cfg.max_grad_norm is not None and norm > cfg.max_grad_norm:
-                for g in G:
-                    g.mul_(cfg.max_grad_norm / norm)
-            self.step_count += 1
-            self.opt_state.apply_(G, self.step_count)  # fused kernels on this rank's slice, then all-gather
-        metrics["step"] = self.step_count
+        metrics, self.step_count = outer_step.update_(self.config, self.opt_state, G, outer_step.StepSums.of(stats),
+                                                      norm, self.step_count)
         metrics["seconds"] = time.perf_counter() - t0
         return metrics

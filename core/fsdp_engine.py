@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from mamlen import kernels
-from mamlen.core import activation_checkpoint, attention, inner_step
+from mamlen.core import activation_checkpoint, attention, inner_step, outer_step
 from mamlen.core.config import MetaConfig
 from mamlen.core.engine import Task
 from mamlen.core.loss import Objective, RngState, count_targets
@@ -286,33 +286,21 @@ class FSDPMetaEngine:
         for acc in G:
             acc.div_(len(batches))
         # no adaptation: the "before" loss is the loss itself
-        return self._outer(G, dict(tasks=len(batches), query=losses, support=losses, before=losses,
-                                   tokens=tokens), t0)
+        return self._outer(G, outer_step.StepSums(tasks=len(batches), query_loss=losses, support_loss=losses,
+                                                  tokens=tokens, query_loss_before=losses), t0)
 
     def optimizer_state(self) -> dict:
         """{"step": int, "exp_avg": {name: DTensor}, "exp_avg_sq": {name: DTensor}} (+ "master" with
         master_weights): copies sharded like the parameters — what torch.distributed.checkpoint saves shard by
         shard and reshards on load. No collective. 8-bit moments are dequantised (their codes are not saved)."""
-        st = self.opt_state.state_dict()
-        state = {"step": self.step_count,
-                 "exp_avg": self.arena.dtensors([t.clone() for t in st["exp_avg"]]),
-                 "exp_avg_sq": self.arena.dtensors([t.clone() for t in st["exp_avg_sq"]])}
-        if st["master"] is not None:
-            masters = [m.clone() if m is not None else f.to(_sd(f.dtype))
-                       for m, f in zip(st["master"], self.arena.flats)]
-            state["master"] = self.arena.dtensors(masters)
-        return state
+        return outer_step.export(self.opt_state.state_dict(), self.arena.flats, self.step_count,
+                                 lambda flats: self.arena.dtensors([t.clone() for t in flats]))
 
     def load_optimizer_state(self, state: dict) -> None:
         """Load what `optimizer_state` returned (DTensors, possibly resharded by DCP) or MetaEngine's full-size
         state ({name: full tensor}: this rank's chunk is taken). Reads θ from the parameters first (load the model
         before the optimizer state)."""
-        for key in ("step", "exp_avg", "exp_avg_sq"):
-            if key not in state:
-                raise KeyError(f"load_optimizer_state: missing {key!r}")
-        step = int(state["step"])
-        if step < 0:
-            raise ValueError(f"load_optimizer_state: step must be ≥ 0, got {step}")
+        step = outer_step.loaded_step(state)
         m = self.arena.flatten(state["exp_avg"], _sd, "load_optimizer_state: exp_avg")
         v = self.arena.flatten(state["exp_avg_sq"], _sd, "load_optimizer_state: exp_avg_sq")
         if self._sum_over_ranks([float(sum(int((x < 0).sum()) for x in v))])[0] > 0:
@@ -410,7 +398,8 @@ class FSDPMetaEngine:
         q, s, before = self._sum_over_ranks([q, s, before])  # each rank summed its share of every loss
         for acc in G:
             acc.div_(len(tasks))
-        return G, dict(tasks=len(tasks), query=q, support=s, before=before, tokens=tokens)
+        return G, outer_step.StepSums(tasks=len(tasks), query_loss=q, support_loss=s, tokens=tokens,
+                                      query_loss_before=before)
 
     def _task_gradient(self, theta, task: Task, i: int):
         """(this rank's shard of G_i, _TaskLosses)."""
@@ -476,22 +465,9 @@ class FSDPMetaEngine:
             kernels.fd_combine_(a, gp, gm, 1.0 / (2 * r))
 
     # -- the outer update ---------------------------------------------------------------------------------
-    def _outer(self, G, stats: dict, t0) -> dict:
-        cfg = self.config
-        n = stats["tasks"]
-        loss, support_loss = stats["query"] / n, stats["support"] / n
+    def _outer(self, G, sums: outer_step.StepSums, t0) -> dict:
         norm = math.sqrt(self._global_sq_norm(G))  # the same value on every rank
-        finite = math.isfinite(loss) and math.isfinite(support_loss) and math.isfinite(norm)
-        metrics = {"loss": loss, "support_loss": support_loss, "query_loss_before": stats["before"] / n,
-                   "adapt_gain": (stats["before"] - stats["query"]) / n, "grad_norm": norm,
-                   "tokens": int(stats["tokens"]), "skipped": not finite}
-        if finite:
-            if cfg.max_grad_norm is not None and norm > cfg.max_grad_norm:
-                for g in G:
-                    g.mul_(cfg.max_grad_norm / norm)
-            self.step_count += 1
-            self.opt_state.apply_(G, self.step_count)  # fused kernels on this rank's shards of θ, m, v
+        metrics, self.step_count = outer_step.update_(self.config, self.opt_state, G, sums, norm, self.step_count)
         self.arena.install_(self.arena.flats)  # the parameters hold θ
-        metrics["step"] = self.step_count
         metrics["seconds"] = time.perf_counter() - t0
         return metrics
