@@ -9,13 +9,14 @@ Per task i (support batches S_1..S_K, query Q), starting from φ_0 = θ and the 
               G_i = p̄
     G = mean_i G_i (all ranks);  outer AdamW/SGD on θ, m, v, t                                  [kernels]
 
-Memory: per task the forward keeps, per inner step, φ_{j-1} (for j ≥ 2), g_j, and m_j, v_j for j ≥ 2 — m_1, v_1 are
-recomputed in the reverse pass from m_0, v_0 (the shared moments, read in chunks: 8-bit moments are never
-dequantised whole) — and no autograd graph (inner_graph="recompute"). The reverse pass runs the adjoint in place
-over the tape (p̄ in place, ḡ over g_j, m̄/v̄ over m_j/v_j) and frees each buffer as soon as it is dead; every HVP
-adds into p̄ parameter by parameter (core/hvp.py). At K = 1 the HVP runs with θ, m, v, p̄ (= G for the first task),
-ḡ plus one transformer block's second-order graph at a time (exact: core/block_recompute.py); the step's peak is
-the query gradient (θ, m, v, g_1, φ_1 and the gradient being filled; bench/memory_stages.py shows each stage).
+Memory: per task the forward keeps, per inner step, φ_{j-1} (for j ≥ 2), g_j and, for j < K, m_j, v_j — the moments
+each step starts from (core/inner_step.py: m_0, v_0 are the shared moments read in chunks, so 8-bit moments are never
+dequantised whole; the adjoint recomputes m_j, v_j from them) — and no autograd graph (inner_graph="recompute"). The
+reverse pass runs the adjoint in place (p̄ in place, ḡ over g_j, m̄/v̄ over m_{j-1}/v_{j-1}) and frees each buffer
+as soon as it is dead; every HVP adds into p̄ parameter by parameter (core/hvp.py). At K = 1 the HVP runs with θ, m,
+v, p̄ (= G for the first task), ḡ plus one transformer block's second-order graph at a time (exact:
+core/block_recompute.py); the step's peak is the query gradient (θ, m, v, g_1, φ_1 and the gradient being filled;
+bench/memory_stages.py shows each stage).
 """
 from __future__ import annotations
 
@@ -27,15 +28,11 @@ from typing import Callable, Optional
 import torch
 
 from mamlen import kernels
-from mamlen.core import activation_checkpoint, attention, forward_ad, hvp
+from mamlen.core import activation_checkpoint, attention, forward_ad, hvp, inner_step, outer_step
 from mamlen.core.arena import ParamArena
 from mamlen.core.config import MetaConfig
 from mamlen.core.loss import Objective, RngState, count_targets
-from mamlen.core.quantized_moments import chunks
 from mamlen.core.sharding import OuterState
-
-# elements per chunk where m_0, v_0 are read piecewise (a multiple of the 8-bit block; 4 MiB of float32)
-MOMENT_CHUNK = 1 << 20
 
 
 @dataclass
@@ -53,21 +50,6 @@ class _TaskResult:
     support_loss: float       # L_{S_1}(θ)
     query_loss_before: float  # L_Q(θ): the query loss without adaptation
     tokens: int               # target tokens of the query and the support batches
-
-
-@dataclass
-class _InnerStep:
-    """What the reverse pass needs of inner step j (DESIGN.md notation)."""
-    phi: list                # φ_{j-1}, where g_j was taken and H_{S_j} is evaluated
-    g: list                  # g_j = ∇L_{S_j}(φ_{j-1}); the adjoint writes ḡ over it
-    m: Optional[list]        # m_j, v_j; None at j = 1 (recomputed from m_0, v_0, g_1 chunk by chunk)
-    v: Optional[list]
-    rng: RngState            # the dropout masks of L_{S_j}
-    kept: Optional[tuple]    # inner_graph="keep": (g_j with its graph, leaves)
-
-
-# the per-step sums reduced across ranks with G: [tasks, L_Q(φ_K), L_S1(θ), tokens, L_Q(θ)]
-_STATS = ("tasks", "query_loss", "support_loss", "tokens", "query_loss_before")
 
 
 def _sd(dtype):
@@ -101,7 +83,8 @@ class MetaEngine:
         self.step_count = 0
         # m, v (full or this rank's shard, float or 8-bit), master weights, the G reduction: core/sharding.py
         self.opt_state = OuterState(self.arena, self.config, process_group)
-        self._zero_chunk = {}  # moments="separate": m_0 = v_0 = 0, read chunk by chunk
+        # m_0 = v_0 = 0 (moments="separate") and m̄ = v̄ = 0 at j = K: one read-only zero chunk per dtype
+        self._zero_moments = inner_step.ZeroMoments(self.opt_state.state_dtypes, self.arena.device)
         self._forward_ad = hvp.ForwardAD()  # hvp="mixed": falls back to exact if the model lacks forward AD
 
     # -- public API ---------------------------------------------------------------------------------------
@@ -133,8 +116,8 @@ class MetaEngine:
             loss_sum += float(loss)
             tokens += count_targets(batch)
         # no adaptation: the "before" loss is the loss itself
-        stats = torch.tensor([len(batches), loss_sum, loss_sum, tokens, loss_sum], dtype=torch.float64,
-                             device=self.arena.device)
+        stats = outer_step.StepSums(tasks=len(batches), query_loss=loss_sum, support_loss=loss_sum, tokens=tokens,
+                                    query_loss_before=loss_sum).tensor(self.arena.device)
         G = self.opt_state.reduce_(G, stats)  # sync point; this rank's shard of the mean when sharded
         return self._outer(G, stats, t0)
 
@@ -143,24 +126,14 @@ class MetaEngine:
         master_weights) — full-size copies (gathered, dequantised), safe to save and loadable at any world size.
         A collective when the state is sharded: every rank must call it."""
         full = self.opt_state.state_dict()
-        state = {"step": self.step_count,
-                 "exp_avg": {n: t.clone() for n, t in self.arena.views(full["exp_avg"]).items()},
-                 "exp_avg_sq": {n: t.clone() for n, t in self.arena.views(full["exp_avg_sq"]).items()}}
-        if full["master"] is not None:
-            masters = [m if m is not None else f.to(kernels.state_dtype(f.dtype))
-                       for m, f in zip(full["master"], self.arena.flats)]
-            state["master"] = {n: t.clone() for n, t in self.arena.views(masters).items()}
+        state = outer_step.export(full, self.arena.flats, self.step_count,
+                                  lambda flats: {n: t.clone() for n, t in self.arena.views(flats).items()})
         if full["quantized"] is not None:  # moments_bits=8: the exact codes ({"exp_avg.codes.<flat>": uint8, ...})
             state["quantized"] = {k: t.clone() for k, t in full["quantized"].items()}
         return state
 
     def load_optimizer_state(self, state: dict) -> None:
-        for key in ("step", "exp_avg", "exp_avg_sq"):
-            if key not in state:
-                raise KeyError(f"load_optimizer_state: missing {key!r}")
-        step = int(state["step"])
-        if step < 0:
-            raise ValueError(f"load_optimizer_state: step must be ≥ 0, got {step}")
+        step = outer_step.loaded_step(state)
         m = self.arena.flatten(state["exp_avg"], _sd)
         v = self.arena.flatten(state["exp_avg_sq"], _sd)
         if any(bool((x < 0).any()) for x in v):
@@ -177,14 +150,17 @@ class MetaEngine:
         self.config.validate()
         self.arena.check_bound()
         G = []  # the first task's G_i becomes the accumulator: one parameter-sized buffer fewer during it
-        sums = torch.zeros(len(_STATS), dtype=torch.float64)
+        sums = outer_step.StepSums(0, 0.0, 0.0, 0, 0.0)
         with self.opt_state.materialized():  # sharded shared moments: gathered in full for this step's tasks
             for i, task in enumerate(tasks):
                 r = self._task_gradient_into(task, G, i)
-                sums += torch.tensor([1.0, r.query_loss, r.support_loss, r.tokens, r.query_loss_before],
-                                     dtype=torch.float64)  # (the default float32 would round the losses)
+                sums.tasks += 1
+                sums.query_loss += r.query_loss
+                sums.support_loss += r.support_loss
+                sums.tokens += r.tokens
+                sums.query_loss_before += r.query_loss_before
         # reduced with G in the same sync
-        stats = sums.to(self.arena.device)
+        stats = sums.tensor(self.arena.device)
         G = self.opt_state.reduce_(G, stats)  # all-reduce, or reduce-scatter to this rank's shard when sharded
         return G, stats
 
@@ -202,13 +178,9 @@ class MetaEngine:
     def _task_gradient_into(self, task: Task, G, i) -> "_TaskResult":
         """G += G_i."""
         cfg, obj = self.config, self.obj
-        b1, b2 = cfg.betas
+        rule = inner_step.InnerRule.of(cfg)
         supports = self._support(task, i)
         query = obj.to_device(task.query)
-        adamw = cfg.inner_optimizer == "adamw"
-        # m_0, v_0 are read chunk by chunk (_initial_moments), never copied whole; m_1, v_1 are not stored either
-        # (recomputed from m_0, v_0, g_1 in the reverse pass), so step 1 keeps only φ_0 and g_1
-        m = v = None
         t0 = self.step_count if cfg.moments == "shared" else 0
         keep = cfg.hvp == "exact" and cfg.inner_graph == "keep"
 
@@ -220,10 +192,12 @@ class MetaEngine:
             with torch.no_grad(), q_rng.replay():
                 q_before = float(obj.loss(query))
 
-        # forward: K inner steps, one _InnerStep record each on the tape. φ lives in the state
-        # dtype: an inner step of bfloat16 weights would mostly round away (at lr 1e-5, most N(0, 0.02) weights
-        # do not move) while the adjoint differentiates the unrounded map; the model sees φ cast to its dtype
+        # forward: K inner steps, one InnerStep record each on the tape. φ lives in the state dtype: an inner step
+        # of bfloat16 weights would mostly round away (at lr 1e-5, most N(0, 0.02) weights do not move) while the
+        # adjoint differentiates the unrounded map; the model sees φ cast to its dtype. m_0, v_0 are read chunk by
+        # chunk from the shared moments (or zeros), m_j, v_j are kept only as the next step's source (j < K)
         phi = [f if f.dtype == _sd(f.dtype) else f.to(_sd(f.dtype)) for f in self.arena.flats]
+        moments = self._initial_moments() if rule.has_moments else None
         tape = []
         s_first = None
         for j, batch in enumerate(supports, start=1):
@@ -232,149 +206,55 @@ class MetaEngine:
             with attention.using(self.model, self.attention.second_order):
                 if keep:
                     loss, g_graph, leaves = hvp.gradient(obj, phi, batch, rng, create_graph=True)
-                    g = [x.detach() for x in g_graph]
-                    kept = (g_graph, leaves)
+                    g, kept = [x.detach() for x in g_graph], hvp.KeptGraph(g_graph, leaves)
+                    del g_graph, leaves  # the tape's `kept` holds the graph
                 else:
                     loss, g = hvp.gradient(obj, phi, batch, rng)
                     kept = None
             s_first = float(loss) if s_first is None else s_first
-            if adamw:
-                hp = dict(lr=cfg.inner_lr, beta1=b1, beta2=b2, eps=cfg.eps, weight_decay=cfg.inner_weight_decay,
-                          step=t0 + j)
-                if j == 1:
-                    phi_new, m, v = self._first_inner_step(phi, g, hp, keep_moments=len(supports) > 1)
-                else:
-                    phi_new, m, v = [list(x) for x in zip(*[kernels.inner_adamw_forward(p, gi, mi, vi, **hp)
-                                                            for p, gi, mi, vi in zip(phi, g, m, v)])]
-            else:
-                phi_new = [kernels.inner_sgd_forward(p, gi, lr=cfg.inner_lr, weight_decay=cfg.inner_weight_decay)
-                           for p, gi in zip(phi, g)]
-            tape.append(_InnerStep(phi=phi, g=g, m=m if adamw and j > 1 else None, v=v if adamw and j > 1 else None,
-                                   rng=rng, kept=kept))
-            phi = phi_new
-        # no name but the tape may keep a step's buffers: the reverse pass frees each as soon as it is dead
-        del m, v, phi_new, g, kept
-        g_graph = leaves = None  # noqa: F841  (inner_graph="keep": the last step's graph lives on in the tape)
+            phi_next, moments_next = inner_step.forward(rule, phi, g, moments, step=t0 + j,
+                                                        keep_moments=j < len(supports))
+            tape.append(inner_step.InnerStep(phi=phi, g=g, moments=moments, step=t0 + j, rng=rng, batch=batch,
+                                             kept=kept))
+            phi, moments = phi_next, moments_next
+        del phi_next, moments_next, moments, g, kept, rng  # the tape holds what the reverse pass needs
 
         # query gradient at φ_K: first-order only
         q_loss, p_bar = hvp.gradient(obj, phi, query, q_rng)
         del phi
-        p_bar = [x.to(_sd(x.dtype)) for x in p_bar]
-
-        # reverse recursion. Every elementwise stage writes into buffers that die with it (no allocation):
-        # p̄ in place; ḡ over g_j (unless g_j's storage belongs to a kept graph, or is narrower than ḡ);
-        # m̄, v̄ over m_j, v_j (read lane by lane before written). m̄ = v̄ = 0 at j = K: one zero buffer.
-        m_bar = v_bar = None
-        for j in range(len(supports), 0, -1):
-            step = tape.pop()
-            phi_prev, g, m_j, v_j, rng, kept = step.phi, step.g, step.m, step.v, step.rng, step.kept
-            del step  # the names below own the buffers: each is freed as soon as it is dead
-            if adamw and j == 1:
-                g_bar = self._first_adjoint_step(phi_prev, g, p_bar, m_bar, v_bar, kept, step=t0 + 1)
-                m_bar = v_bar = None
-            elif adamw:
-                if m_bar is None:
-                    m_bar = v_bar = [torch.zeros_like(x) for x in p_bar]
-                g_bar = [gi if kept is None and gi.dtype == pb.dtype else torch.empty_like(pb)
-                         for gi, pb in zip(g, p_bar)]
-                for args in zip(p_bar, m_bar, v_bar, g, m_j, v_j, g_bar):  # no loop name outlives its buffer
-                    kernels.inner_adamw_adjoint(*args[:6], lr=cfg.inner_lr, beta1=b1, beta2=b2, eps=cfg.eps,
-                                                weight_decay=cfg.inner_weight_decay, step=t0 + j,
-                                                out=(args[6], args[0], args[4], args[5]))
-                del args
-                # m_j, v_j now hold β1·m̄, β2·v̄ for step j-1 (unused after j = 1: freed before the HVP)
-                m_bar, v_bar = (m_j, v_j) if j > 1 else (None, None)
-            else:
-                outs = [kernels.inner_sgd_adjoint(pb, lr=cfg.inner_lr, weight_decay=cfg.inner_weight_decay)
-                        for pb in p_bar]
-                g_bar, p_bar = [list(x) for x in zip(*outs)]
-                del outs
-            del g, m_j, v_j  # this step's tape entries are no longer needed
-            batch = supports[j - 1]
+        # reverse recursion from p̄ = ∇L_Q(φ_K), m̄ = v̄ = 0; each step's buffers are freed as soon as they are dead
+        adj = inner_step.Adjoint(p_bar=[x.to(_sd(x.dtype)) for x in p_bar],
+                                 moments=self._zero_moments if rule.has_moments else None)
+        del p_bar
+        opts = hvp.Options(fd_eps=cfg.fd_eps, forward_ad=self._forward_ad)
+        while tape:
+            rec = tape.pop()
+            g_bar = inner_step.adjoint_(rule, rec, adj)
+            rec.g = rec.moments = None  # dead (ḡ may own g_j's storage; m̄, v̄ may own m_{j-1}'s)
             with attention.using(self.model, self.attention.second_order):  # p̄ += H_{S_j}(φ_{j-1}) ḡ
-                if kept is not None:
-                    hvp.kept_(obj, kept, rng, g_bar, p_bar)
+                if rec.kept is not None:
+                    hvp.kept_(obj, rec.kept, rec.rng, g_bar, adj.p_bar)
                 else:
-                    hvp.MODES[cfg.hvp](obj, phi_prev, batch, rng, g_bar, p_bar,
-                                       hvp.Options(fd_eps=cfg.fd_eps, forward_ad=self._forward_ad))
-            del phi_prev, g_bar, kept
+                    hvp.MODES[cfg.hvp](obj, rec.phi, rec.batch, rec.rng, g_bar, adj.p_bar, opts)
+            del rec, g_bar
         if not G:
-            G.extend(p_bar)
+            G.extend(adj.p_bar)
         else:
-            for acc, gi in zip(G, p_bar):
+            for acc, gi in zip(G, adj.p_bar):
                 acc.add_(gi)
         return _TaskResult(query_loss=float(q_loss), support_loss=s_first, query_loss_before=q_before,
                            tokens=count_targets(query) + sum(count_targets(b) for b in supports))
 
-    def _initial_moments(self, i, start, length, dtype):
-        """m_0, v_0 [start, start + length) of flat buffer i: the shared moments, or zeros (moments="separate")."""
+    def _initial_moments(self) -> inner_step.MomentSource:
+        """m_0, v_0: the shared moments (full, gathered shards or 8-bit codes), or zeros (moments="separate")."""
         if self.config.moments == "shared":
-            return self.opt_state.moments_chunk(i, start, length)
-        z = self._zero_chunk.get(dtype)
-        if z is None or z.numel() < length:  # one zero chunk per dtype, read-only, reused by every call
-            z = self._zero_chunk[dtype] = torch.zeros(max(length, MOMENT_CHUNK), dtype=dtype, device=self.arena.device)
-        return z[:length], z[:length]
-
-    def _first_inner_step(self, phi, g, hp, *, keep_moments):
-        """φ_1 (and m_1, v_1 when a second inner step needs them) from φ_0, g_1 and m_0, v_0 read chunk by chunk."""
-        out_phi, out_m, out_v = [], [], []
-        for i, (p, gi) in enumerate(zip(phi, g)):
-            sd = _sd(p.dtype)
-            p1 = torch.empty_like(p)
-            m1 = v1 = None
-            if keep_moments:
-                m1, v1 = p.new_empty(p.numel(), dtype=sd), p.new_empty(p.numel(), dtype=sd)
-            else:
-                scratch_m, scratch_v = (p.new_empty(min(p.numel(), MOMENT_CHUNK), dtype=sd) for _ in range(2))
-            for s, n in chunks(p.numel(), MOMENT_CHUNK):
-                m0, v0 = self._initial_moments(i, s, n, sd)
-                mo, vo = (m1[s:s + n], v1[s:s + n]) if keep_moments else (scratch_m[:n], scratch_v[:n])
-                kernels.inner_adamw_forward(p[s:s + n], gi[s:s + n], m0, v0, **hp, out=(p1[s:s + n], mo, vo))
-            out_phi.append(p1)
-            out_m.append(m1)
-            out_v.append(v1)
-        return out_phi, out_m, out_v
-
-    def _first_adjoint_step(self, phi0, g, p_bar, m_bar, v_bar, kept, *, step):
-        """The adjoint of inner step 1 in place (p̄ in place, ḡ over g_1 where it can), with m_1, v_1 recomputed
-        chunk by chunk from m_0, v_0 and g_1 — bit-identical to the forward's. m̄ = v̄ = None means zero (K = 1).
-        Returns ḡ."""
-        cfg = self.config
-        b1, b2 = cfg.betas
-        hp = dict(lr=cfg.inner_lr, beta1=b1, beta2=b2, eps=cfg.eps, weight_decay=cfg.inner_weight_decay, step=step)
-        g_bar = []
-        for i, (p0, gi, pb) in enumerate(zip(phi0, g, p_bar)):
-            sd = pb.dtype
-            gb = gi if kept is None and gi.dtype == sd else torch.empty_like(pb)
-            c = min(pb.numel(), MOMENT_CHUNK)
-            sp, sm, sv = p0.new_empty(c), pb.new_empty(c), pb.new_empty(c)
-            zero = pb.new_zeros(c) if m_bar is None else None
-            for s, n in chunks(pb.numel(), MOMENT_CHUNK):
-                m0, v0 = self._initial_moments(i, s, n, sd)
-                kernels.inner_adamw_forward(p0[s:s + n], gi[s:s + n], m0, v0, **hp, out=(sp[:n], sm[:n], sv[:n]))
-                mb, vb = (zero[:n], zero[:n]) if m_bar is None else (m_bar[i][s:s + n], v_bar[i][s:s + n])
-                kernels.inner_adamw_adjoint(pb[s:s + n], mb, vb, gi[s:s + n], sm[:n], sv[:n], **hp,
-                                            out=(gb[s:s + n], pb[s:s + n], sm[:n], sv[:n]))
-            g_bar.append(gb)
-        return g_bar
+            return inner_step.SharedMoments(self.opt_state)
+        return self._zero_moments
 
     # -- the outer update ---------------------------------------------------------------------------------
     def _outer(self, G, stats, t0) -> dict:
-        cfg = self.config
-        n_tasks, q_sum, s_sum, tokens, before_sum = stats.tolist()
-        loss, support_loss = q_sum / n_tasks, s_sum / n_tasks
         norm = self.opt_state.grad_norm(G)  # over all shards: the same value on every rank
-        finite = math.isfinite(loss) and math.isfinite(support_loss) and math.isfinite(norm)
-        # adapt_gain > 0: the inner step lowered the query loss (L_Q(θ) - L_Q(φ_K), mean over tasks)
-        metrics = {"loss": loss, "support_loss": support_loss, "query_loss_before": before_sum / n_tasks,
-                   "adapt_gain": (before_sum - q_sum) / n_tasks, "grad_norm": norm, "tokens": int(tokens),
-                   "skipped": not finite}
-        if finite:
-            if cfg.max_grad_norm is not None and norm > cfg.max_grad_norm:
-                for g in G:
-                    g.mul_(cfg.max_grad_norm / norm)
-            self.step_count += 1
-            self.opt_state.apply_(G, self.step_count)  # fused kernels on this rank's slice, then all-gather
-        metrics["step"] = self.step_count
+        metrics, self.step_count = outer_step.update_(self.config, self.opt_state, G, outer_step.StepSums.of(stats),
+                                                      norm, self.step_count)
         metrics["seconds"] = time.perf_counter() - t0
         return metrics

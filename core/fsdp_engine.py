@@ -22,9 +22,9 @@ the shard it delivers is exactly this rank's part of ∇ of the whole batch's me
 single-process one up to summation order. A custom `loss_fn` must therefore be a mean over target tokens too.
 
 Memory per rank: the parameters' shards (FSDP's storage; φ is written into them before each forward), θ, m, v and
-the tape (φ_j, g_j, m_j, v_j, p̄, ḡ) — each P/W — plus FSDP's transient full parameters of about two blocks.
-8-bit moments are dequantised whole for a task's first inner step (a P/W float buffer, unlike MetaEngine's
-chunks). Supported: hvp fd / first_order, MetaICL steps, shared or separate moments, K ≥ 1, adamw or sgd inner
+the tape (φ_j, g_j, m_j, v_j for j < K, p̄, ḡ) — each P/W — plus FSDP's transient full parameters of about two
+blocks. The inner step and its adjoint are MetaEngine's (core/inner_step.py): m_0, v_0 are read chunk by chunk, so
+8-bit moments are never dequantised whole. Supported: hvp fd / first_order, MetaICL steps, shared or separate moments, K ≥ 1, adamw or sgd inner
 and outer, 8-bit moments, bfloat16 + master weights, activation checkpointing. Refused: exact / mixed (no
 second-order autograd through FSDP), shard_state (FSDP already shards the state).
 """
@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from mamlen import kernels
-from mamlen.core import activation_checkpoint, attention
+from mamlen.core import activation_checkpoint, attention, inner_step, outer_step
 from mamlen.core.config import MetaConfig
 from mamlen.core.engine import Task
 from mamlen.core.loss import Objective, RngState, count_targets
@@ -205,17 +205,6 @@ class _Part:
 
 
 @dataclass
-class _TapeEntry:
-    """Inner step j of a task, as the reverse pass needs it."""
-    phi: list          # φ_{j-1}
-    g: list            # g_j (overwritten by ḡ in the reverse pass)
-    m: Optional[list]  # m_j, v_j (adamw; overwritten by β1·m̄, β2·v̄)
-    v: Optional[list]
-    rng: RngState
-    part: _Part
-
-
-@dataclass
 class _TaskLosses:
     query: float         # this rank's share of L_Q(φ_K)
     support: float       # this rank's share of L_{S_1}(θ)
@@ -262,6 +251,8 @@ class FSDPMetaEngine:
         self.step_count = 0
         # m, v, master copy, the outer kernels — all on this rank's shards (OuterState unsharded over them)
         self.opt_state = OuterState(self.arena, cfg, group=None)
+        # m_0 = v_0 = 0 (moments="separate") and m̄ = v̄ = 0 at j = K: one read-only zero chunk per dtype
+        self._zero_moments = inner_step.ZeroMoments(self.opt_state.state_dtypes, self.arena.device)
 
     # -- public API ---------------------------------------------------------------------------------------
     def meta_gradient(self, tasks: list[Task]) -> dict[str, DTensor]:
@@ -295,33 +286,21 @@ class FSDPMetaEngine:
         for acc in G:
             acc.div_(len(batches))
         # no adaptation: the "before" loss is the loss itself
-        return self._outer(G, dict(tasks=len(batches), query=losses, support=losses, before=losses,
-                                   tokens=tokens), t0)
+        return self._outer(G, outer_step.StepSums(tasks=len(batches), query_loss=losses, support_loss=losses,
+                                                  tokens=tokens, query_loss_before=losses), t0)
 
     def optimizer_state(self) -> dict:
         """{"step": int, "exp_avg": {name: DTensor}, "exp_avg_sq": {name: DTensor}} (+ "master" with
         master_weights): copies sharded like the parameters — what torch.distributed.checkpoint saves shard by
         shard and reshards on load. No collective. 8-bit moments are dequantised (their codes are not saved)."""
-        st = self.opt_state.state_dict()
-        state = {"step": self.step_count,
-                 "exp_avg": self.arena.dtensors([t.clone() for t in st["exp_avg"]]),
-                 "exp_avg_sq": self.arena.dtensors([t.clone() for t in st["exp_avg_sq"]])}
-        if st["master"] is not None:
-            masters = [m.clone() if m is not None else f.to(_sd(f.dtype))
-                       for m, f in zip(st["master"], self.arena.flats)]
-            state["master"] = self.arena.dtensors(masters)
-        return state
+        return outer_step.export(self.opt_state.state_dict(), self.arena.flats, self.step_count,
+                                 lambda flats: self.arena.dtensors([t.clone() for t in flats]))
 
     def load_optimizer_state(self, state: dict) -> None:
         """Load what `optimizer_state` returned (DTensors, possibly resharded by DCP) or MetaEngine's full-size
         state ({name: full tensor}: this rank's chunk is taken). Reads θ from the parameters first (load the model
         before the optimizer state)."""
-        for key in ("step", "exp_avg", "exp_avg_sq"):
-            if key not in state:
-                raise KeyError(f"load_optimizer_state: missing {key!r}")
-        step = int(state["step"])
-        if step < 0:
-            raise ValueError(f"load_optimizer_state: step must be ≥ 0, got {step}")
+        step = outer_step.loaded_step(state)
         m = self.arena.flatten(state["exp_avg"], _sd, "load_optimizer_state: exp_avg")
         v = self.arena.flatten(state["exp_avg_sq"], _sd, "load_optimizer_state: exp_avg_sq")
         if self._sum_over_ranks([float(sum(int((x < 0).sum()) for x in v))])[0] > 0:
@@ -381,13 +360,11 @@ class FSDPMetaEngine:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)  # sync point
         return t.tolist()
 
-    def _initial_moments(self):
-        """m_0, v_0 per flat buffer: the shared moments (views at 32 bits, dequantised at 8), or zeros."""
+    def _initial_moments(self) -> inner_step.MomentSource:
+        """m_0, v_0: the shared moments (views at 32 bits, dequantised chunk by chunk at 8), or zeros."""
         if self.config.moments == "shared":
-            return [list(x) for x in zip(*[self.opt_state.moments_chunk(i, 0, f.numel())
-                                           for i, f in enumerate(self.arena.flats)])]
-        zeros = [torch.zeros(f.numel(), dtype=_sd(f.dtype), device=f.device) for f in self.arena.flats]
-        return zeros, zeros
+            return inner_step.SharedMoments(self.opt_state)
+        return self._zero_moments
 
     def _support(self, task, i):
         K = self.config.inner_steps
@@ -421,13 +398,13 @@ class FSDPMetaEngine:
         q, s, before = self._sum_over_ranks([q, s, before])  # each rank summed its share of every loss
         for acc in G:
             acc.div_(len(tasks))
-        return G, dict(tasks=len(tasks), query=q, support=s, before=before, tokens=tokens)
+        return G, outer_step.StepSums(tasks=len(tasks), query_loss=q, support_loss=s, tokens=tokens,
+                                      query_loss_before=before)
 
     def _task_gradient(self, theta, task: Task, i: int):
         """(this rank's shard of G_i, _TaskLosses)."""
         cfg = self.config
-        b1, b2 = cfg.betas
-        adamw = cfg.inner_optimizer == "adamw"
+        rule = inner_step.InnerRule.of(cfg)
         supports = self._support(task, i)
         query = self._split(task.query, f"task {i} query")
         t0 = self.step_count if cfg.moments == "shared" else 0
@@ -440,55 +417,36 @@ class FSDPMetaEngine:
             with torch.no_grad(), q_rng.replay():
                 q_before = float(self._loss(query))
 
-        # forward: K inner steps on the shards
+        # forward: K inner steps on the shards (core/inner_step.py, as MetaEngine)
         phi, tape = theta, []
-        m, v = self._initial_moments() if adamw else (None, None)
+        moments = self._initial_moments() if rule.has_moments else None
         s_first = None
         for j, part in enumerate(supports, start=1):
             rng = RngState(self.arena.device)
             loss, g = self._gradient(phi, part, rng)
             s_first = loss if s_first is None else s_first
-            if adamw:
-                hp = dict(lr=cfg.inner_lr, beta1=b1, beta2=b2, eps=cfg.eps, weight_decay=cfg.inner_weight_decay,
-                          step=t0 + j)
-                phi_new, m, v = [list(x) for x in zip(*[kernels.inner_adamw_forward(p, gi, mi, vi, **hp)
-                                                        for p, gi, mi, vi in zip(phi, g, m, v)])]
-            else:
-                phi_new = [kernels.inner_sgd_forward(p, gi, lr=cfg.inner_lr, weight_decay=cfg.inner_weight_decay)
-                           for p, gi in zip(phi, g)]
-            tape.append(_TapeEntry(phi, g, m, v, rng, part))
-            phi = phi_new
-        del m, v, phi_new, g  # the tape holds what the reverse pass needs
+            phi_next, moments_next = inner_step.forward(rule, phi, g, moments, step=t0 + j,
+                                                        keep_moments=j < len(supports))
+            tape.append(inner_step.InnerStep(phi=phi, g=g, moments=moments, step=t0 + j, rng=rng, batch=part))
+            phi, moments = phi_next, moments_next
+        del phi_next, moments_next, moments, g, rng  # the tape holds what the reverse pass needs
 
         # query gradient at φ_K
         q_loss, p_bar = self._gradient(phi, query, q_rng)
         del phi
-        p_bar = [x.to(_sd(x.dtype)) for x in p_bar]
-
-        # reverse recursion, in place: p̄; ḡ over g_j (same dtype); m̄, v̄ over m_j, v_j
-        m_bar = v_bar = None
-        for j in range(len(supports), 0, -1):
-            e = tape.pop()
-            if adamw:
-                if m_bar is None:  # m̄ = v̄ = 0 at j = K: one read-only zero buffer serves as both
-                    m_bar = v_bar = [torch.zeros_like(x) for x in p_bar]
-                g_bar = [gi if gi.dtype == pb.dtype else torch.empty_like(pb) for gi, pb in zip(e.g, p_bar)]
-                for k in range(len(p_bar)):
-                    kernels.inner_adamw_adjoint(p_bar[k], m_bar[k], v_bar[k], e.g[k], e.m[k], e.v[k],
-                                                lr=cfg.inner_lr, beta1=b1, beta2=b2, eps=cfg.eps,
-                                                weight_decay=cfg.inner_weight_decay, step=t0 + j,
-                                                out=(g_bar[k], p_bar[k], e.m[k], e.v[k]))
-                # m_j, v_j now hold β1·m̄, β2·v̄ for step j-1 (dead after j = 1: freed before the HVP)
-                m_bar, v_bar = (e.m, e.v) if j > 1 else (None, None)
-            else:
-                g_bar, p_bar = [list(x) for x in zip(*[kernels.inner_sgd_adjoint(
-                    pb, lr=cfg.inner_lr, weight_decay=cfg.inner_weight_decay) for pb in p_bar])]
-            e.g = e.m = e.v = None  # dead (ḡ may alias g_j: g_bar keeps it)
+        # reverse recursion from p̄ = ∇L_Q(φ_K), m̄ = v̄ = 0, in place (core/inner_step.py)
+        adj = inner_step.Adjoint(p_bar=[x.to(_sd(x.dtype)) for x in p_bar],
+                                 moments=self._zero_moments if rule.has_moments else None)
+        del p_bar
+        while tape:
+            rec = tape.pop()
+            g_bar = inner_step.adjoint_(rule, rec, adj)
+            rec.g = rec.moments = None  # dead (ḡ may own g_j's storage; m̄, v̄ may own m_{j-1}'s)
             if cfg.hvp == "fd":
-                self._hvp_fd_into(e.phi, e.part, e.rng, g_bar, p_bar)
-            del e, g_bar
+                self._hvp_fd_into(rec.phi, rec.batch, rec.rng, g_bar, adj.p_bar)
+            del rec, g_bar
         tokens = query.tokens + sum(p.tokens for p in supports)
-        return p_bar, _TaskLosses(query=q_loss, support=s_first, query_before=q_before, tokens=tokens)
+        return adj.p_bar, _TaskLosses(query=q_loss, support=s_first, query_before=q_before, tokens=tokens)
 
     def _hvp_fd_into(self, phi, part, rng, vec, acc):
         """acc += (∇L(φ + r·vec) - ∇L(φ - r·vec)) / 2r on this rank's shards, r = fd_eps / ‖vec‖ (the global
@@ -507,22 +465,9 @@ class FSDPMetaEngine:
             kernels.fd_combine_(a, gp, gm, 1.0 / (2 * r))
 
     # -- the outer update ---------------------------------------------------------------------------------
-    def _outer(self, G, stats: dict, t0) -> dict:
-        cfg = self.config
-        n = stats["tasks"]
-        loss, support_loss = stats["query"] / n, stats["support"] / n
+    def _outer(self, G, sums: outer_step.StepSums, t0) -> dict:
         norm = math.sqrt(self._global_sq_norm(G))  # the same value on every rank
-        finite = math.isfinite(loss) and math.isfinite(support_loss) and math.isfinite(norm)
-        metrics = {"loss": loss, "support_loss": support_loss, "query_loss_before": stats["before"] / n,
-                   "adapt_gain": (stats["before"] - stats["query"]) / n, "grad_norm": norm,
-                   "tokens": int(stats["tokens"]), "skipped": not finite}
-        if finite:
-            if cfg.max_grad_norm is not None and norm > cfg.max_grad_norm:
-                for g in G:
-                    g.mul_(cfg.max_grad_norm / norm)
-            self.step_count += 1
-            self.opt_state.apply_(G, self.step_count)  # fused kernels on this rank's shards of θ, m, v
+        metrics, self.step_count = outer_step.update_(self.config, self.opt_state, G, sums, norm, self.step_count)
         self.arena.install_(self.arena.flats)  # the parameters hold θ
-        metrics["step"] = self.step_count
         metrics["seconds"] = time.perf_counter() - t0
         return metrics

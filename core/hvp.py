@@ -189,10 +189,18 @@ def hvp_first_order_(obj, flats, batch, rng, vec, acc, opts: Options = None):
 MODES = {"exact": hvp_exact_, "mixed": hvp_mixed_, "fd": hvp_fd_, "first_order": hvp_first_order_}
 
 
-def kept_(obj, kept, rng, vec, acc):
-    """acc += ∇⟨g, vec⟩ through `kept` = (g, leaves), a gradient graph built in the forward pass
-    (inner_graph="keep"); the whole model's second-order graph is alive until this returns."""
-    grads, leaves = kept
+@dataclass
+class KeptGraph:
+    """A gradient with its graph, built in the forward pass (inner_graph="keep")."""
+    grads: list    # ∇L(φ) per flat buffer, create_graph=True
+    leaves: list   # the flat leaves φ it was taken at
+
+
+def kept_(obj, kept: KeptGraph, rng, vec, acc):
+    """acc += ∇⟨g, vec⟩ through the kept gradient graph; the whole model's second-order graph is alive until this
+    returns (the caller's `kept` must be its last reference)."""
+    grads, leaves = kept.grads, kept.leaves
+    kept.grads = kept.leaves = None
     # the double backward may recompute checkpointed blocks: it must see the same weights and RNG
     with rng.replay(), obj.arena.bind(leaves):
         hv = torch.autograd.grad(grads, leaves, grad_outputs=[v.to(g.dtype) for v, g in zip(vec, grads)],

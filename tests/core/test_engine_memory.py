@@ -3,7 +3,8 @@
 At the exact HVP of a K = 1 task, exactly five full-size buffers may be alive: θ, the shared m and v, p̄ (the
 query gradient, updated in place) and ḡ (written over g_1). φ_1, m_1, v_1, the zero m̄/v̄ and the adjoint's
 outputs must be gone — they used to be, until a name or a list kept them (14.4 → 9.1 parameter buffers at the
-peak of a GPT-2-width-1024 step, bench/memory_stages.py)."""
+peak of a GPT-2-width-1024 step, bench/memory_stages.py). Nor may any buffer of one parameter's size be alive at any
+stage (gradients and HVP pieces go straight into the flat buffers, parameter by parameter)."""
 import gc
 import warnings
 
@@ -41,40 +42,71 @@ def _all_storage_bytes():
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("moments", ["shared", "separate"])
-def test_only_theta_moments_pbar_and_gbar_are_alive_at_the_hvp(tiny, monkeypatch, moments):
+def _per_parameter_storages(sizes, dtypes, exclude):
+    """Distinct live storages of one parameter's size (not the arena's flat buffers or their views): what a step
+    that kept, say, every parameter's gradient or a cast of it alive would leave behind."""
+    seen = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        objs = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    for obj in objs:
+        try:
+            st = obj.untyped_storage()
+            if obj.dtype in dtypes and st.nbytes() in sizes and st.data_ptr() not in exclude:
+                seen.add(st.data_ptr())
+        except (RuntimeError, ReferenceError):
+            continue
+    return len(seen)
+
+
+# full-size buffers alive as each stage starts, at K = 1 and 2 (the HVP stages are the reverse pass's j = K..1):
+#   gradient of S_1: θ, m, v;  of S_2: + g_1, φ_1, m_1, v_1;  of Q: + g_K, φ_K (m_K is never stored)
+#   HVP j = 2: θ, m, v, φ_1, g_1, p̄, ḡ over g_2, m̄ and v̄ over m_1, v_1;  HVP j = 1: θ, m, v, p̄, ḡ over g_1
+_STAGES = {1: [("gradient", 3), ("gradient", 5), ("hvp", 5)],
+           2: [("gradient", 3), ("gradient", 7), ("gradient", 9), ("hvp", 9), ("hvp", 5)]}
+
+
+@pytest.mark.parametrize("moments,K", [("shared", 1), ("separate", 1), ("shared", 2), ("separate", 2)])
+def test_only_the_recursions_buffers_are_alive(tiny, monkeypatch, moments, K):
     model = tiny.gpt2(torch.float64)
-    engine = MetaEngine(model, MetaConfig(hvp="exact", moments=moments, inner_lr=1e-3))
+    engine = MetaEngine(model, MetaConfig(hvp="exact", moments=moments, inner_lr=1e-3, inner_steps=K))
     gen = torch.Generator().manual_seed(0)
-    tasks = [Task(support=[tiny.batch(gen)], query=tiny.batch(gen))]
+    tasks = [Task(support=[tiny.batch(gen) for _ in range(K)], query=tiny.batch(gen))]
     numel = engine.arena.numel
-    counts = []
-    real = hvp.MODES["exact"]
+    param_sizes = {p.numel() * 8 for p in model.parameters()} - {numel * 8}
+    arena = {f.untyped_storage().data_ptr() for f in engine.arena.flats}
+    stages, per_param, totals = [], [], []
 
-    totals = []
+    def counting(stage, real):
+        def count(*args, **kwargs):
+            gc.collect()
+            stages.append((stage, _full_size_storages(numel, (torch.float64,))))
+            per_param.append(_per_parameter_storages(param_sizes, (torch.float64,), arena))
+            if stage == "hvp":
+                totals.append(_all_storage_bytes() - engine._zero_moments.nbytes)
+            return real(*args, **kwargs)
+        return count
 
-    def counting(*args, **kwargs):
-        gc.collect()
-        counts.append(_full_size_storages(numel, (torch.float64,)))
-        totals.append(_all_storage_bytes() - sum(z.untyped_storage().nbytes() for z in engine._zero_chunk.values()))
-        return real(*args, **kwargs)
-
-    monkeypatch.setitem(hvp.MODES, "exact", counting)
+    monkeypatch.setitem(hvp.MODES, "exact", counting("hvp", hvp.MODES["exact"]))
+    monkeypatch.setattr(hvp, "gradient", counting("gradient", hvp.gradient))
     engine.step(tasks)
-    # θ, m, v, p̄, ḡ (m and v exist with separate moments too: they are the outer optimizer's state)
-    assert counts == [5]
-    # and nothing else of size: every live storage together (batches, RNG states, the model's small buffers;
-    # the zero chunk of separate moments excluded, a fixed ≤ 4 MiB) stays under 5.25 parameter buffers
-    # (measured 5.17), so a leaked chunk, cast copy or partial buffer fails too
-    assert totals[0] < 5.25 * numel * 8, totals[0] / (numel * 8)
+    # m and v exist with separate moments too: they are the outer optimizer's state
+    assert stages == _STAGES[K]
+    # no buffer of one parameter's size at any stage: gradients, HVP pieces and casts go straight into flat buffers
+    assert per_param == [0] * len(stages)
+    # and nothing else of size at the last HVP: every live storage together (batches, RNG states, the model's small
+    # buffers; the zero chunk, a fixed ≤ 8 MiB, excluded) stays under 5.25 parameter buffers (measured 5.17 at K = 1,
+    # 5.18 at K = 2: the second support batch), so a leaked chunk, cast copy or partial buffer fails too
+    assert totals[-1] < 5.25 * numel * 8, totals[-1] / (numel * 8)
 
 
-@pytest.mark.parametrize("moments,bits,K", [("shared", 32, 1), ("shared", 32, 2), ("separate", 32, 2),
-                                            ("shared", 8, 1)])
-def test_chunked_first_inner_step_is_invisible(tiny, monkeypatch, moments, bits, K):
-    """m_0, v_0 are read (and m_1, v_1 recomputed) in chunks of MOMENT_CHUNK elements. The test model fits in one
-    default chunk, so shrink the chunk to 256 (odd tail included) and compare with one chunk: bit-identical."""
-    import mamlen.core.engine as E
+@pytest.mark.parametrize("moments,bits,K", [("shared", 32, 1), ("shared", 32, 2), ("separate", 32, 3),
+                                            ("shared", 8, 1), ("shared", 8, 3)])
+def test_chunked_inner_steps_are_invisible(tiny, monkeypatch, moments, bits, K):
+    """Every inner step reads its m_{j-1}, v_{j-1} (and its adjoint recomputes m_j, v_j) in chunks of MOMENT_CHUNK
+    elements. The test model fits in one default chunk, so shrink the chunk to 256 (odd tail included) and compare
+    with one chunk: bit-identical."""
+    from mamlen.core import inner_step
     if bits == 8:
         pytest.importorskip("bitsandbytes")
     gen = torch.Generator().manual_seed(1)
@@ -93,7 +125,7 @@ def test_chunked_first_inner_step_is_invisible(tiny, monkeypatch, moments, bits,
         return engine.meta_gradient(tasks)
 
     whole = meta_gradient()
-    monkeypatch.setattr(E, "MOMENT_CHUNK", 256)
+    monkeypatch.setattr(inner_step, "MOMENT_CHUNK", 256)
     chunked = meta_gradient()
     for n in whole:
         assert torch.equal(whole[n], chunked[n]), n
@@ -115,10 +147,10 @@ def test_exact_hvp_holds_one_block_at_a_time(tiny, monkeypatch):
 
     def sampled(ctx, *grads):
         gc.collect()
-        samples.append(_all_storage_bytes() / unit)
+        samples.append((_all_storage_bytes() - engine._zero_moments.nbytes) / unit)  # the zero chunk: ≤ 8 MiB, fixed
         out = second(ctx, *grads)
         gc.collect()
-        samples.append(_all_storage_bytes() / unit)
+        samples.append((_all_storage_bytes() - engine._zero_moments.nbytes) / unit)
         return out
 
     monkeypatch.setattr(block_recompute._BlockBackward, "backward", staticmethod(sampled))
