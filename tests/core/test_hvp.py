@@ -111,3 +111,26 @@ def test_kept_graph_adds_the_float64_hvp(tiny, gen, arch, dropout, T):
 
     assert rel(g_detached, dict(zip(ref_theta, ref_g))) < tol
     assert rel(got, ref) < tol, f"kept {arch}: relative error {rel(got, ref):.2e}"
+
+
+def test_kept_graph_does_not_read_the_flat_gradient(tiny, gen):
+    """The flat gradient returned with create_graph is a cat whose backward saves nothing: kept_ reads only its
+    graph, so a caller may overwrite that buffer in place (e.g. write ḡ over g_j) and pass it as vec."""
+    from mamlen.core import attention
+    model, engine, batch, vec = _setup(tiny, gen, "llama", 0.0, 9, "exact")
+    arena = engine.arena
+    flat_vec = arena.flatten(vec)
+    out = []
+    for overwrite in (False, True):
+        rng = RngState(arena.device)
+        acc = arena.new()
+        with attention.using(model, engine.attention.second_order):
+            _, g, graph = hvp.gradient(engine.obj, arena.flats, batch, rng, create_graph=True)
+            v = flat_vec
+            if overwrite:
+                v = [x.detach() for x in g]
+                for x, y in zip(v, flat_vec):
+                    x.copy_(y)
+            hvp.kept_(engine.obj, (g, graph), rng, v, acc)
+        out.append(acc)
+    assert all(torch.equal(a, b) for a, b in zip(*out))
