@@ -133,7 +133,8 @@ def main(argv=None):
                            text=True).stdout.strip()
     print(f"# commit {sha.strip()}{' (dirty)' if dirty else ''}, torch {torch.__version__}, threads "
           f"{torch.get_num_threads()}, attention {engine.attention}, DENSE_MAX_SCORES "
-          f"{attention_ops.DENSE_MAX_SCORES}, retain freed memory {args.retain_freed_memory}, load {os.getloadavg()[0]:.1f}")
+          f"{attention_ops.DENSE_MAX_SCORES}, retain freed memory {args.retain_freed_memory}, "
+          f"load {os.getloadavg()[0]:.1f}")
     clock = PhaseClock()
     instrument(engine, clock)
     rows = []

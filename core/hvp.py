@@ -20,7 +20,8 @@ gradient, as a whole parameter-sized buffer: each parameter's piece is added int
   first_order  adds nothing (FOMAML through the AdamW inner step).
 
 `kept_` is the HVP through a graph built in the forward pass (inner_graph="keep"): whole-model memory traded for
-one forward less; not a mode.
+one forward less; not a mode. Both take derivatives against one leaf per parameter, never the flat buffer, whose
+backward would concatenate every parameter's piece into a fresh parameter-sized buffer (bench/results/study_step.md).
 """
 from __future__ import annotations
 
