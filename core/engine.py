@@ -205,9 +205,9 @@ class MetaEngine:
             # exact / mixed differentiate this loss again in the reverse pass: same attention (and dropout masks)
             with attention.using(self.model, self.attention.second_order):
                 if keep:
-                    loss, g_graph, leaves = hvp.gradient(obj, phi, batch, rng, create_graph=True)
-                    g, kept = [x.detach() for x in g_graph], hvp.KeptGraph(g_graph, leaves)
-                    del g_graph, leaves  # the tape's `kept` holds the graph
+                    # the tape's `kept` holds the graph
+                    loss, kept = hvp.gradient(obj, phi, batch, rng, create_graph=True)
+                    g = [x.detach() for x in kept.grads]
                 else:
                     loss, g = hvp.gradient(obj, phi, batch, rng)
                     kept = None

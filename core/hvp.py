@@ -20,7 +20,8 @@ gradient, as a whole parameter-sized buffer: each parameter's piece is added int
   first_order  adds nothing (FOMAML through the AdamW inner step).
 
 `kept_` is the HVP through a graph built in the forward pass (inner_graph="keep"): whole-model memory traded for
-one forward less; not a mode.
+one forward less; not a mode. Both take derivatives against one leaf per parameter, never the flat buffer, whose
+backward would concatenate every parameter's piece into a fresh parameter-sized buffer (bench/results/study_step.md).
 """
 from __future__ import annotations
 
@@ -59,28 +60,34 @@ def _leaves(flats):
 
 def gradient(obj: Objective, flats, batch, rng: RngState, *, create_graph=False):
     """(loss, [∇L(φ)]) at φ = flats, as fresh flat buffers. With create_graph the graph is returned alive:
-    (loss, grads, leaves).
+    (loss, KeptGraph), whose flat grads carry their graph, which is what `kept_` needs.
 
-    Without create_graph, each parameter's gradient is copied into the output as it arrives and dropped: one
-    parameter-sized buffer at the peak (differentiating w.r.t. the flat buffer held every parameter's gradient
-    until their concatenation: two)."""
-    if create_graph:
-        leaves = _leaves(flats)
-        with rng.replay(), obj.arena.bind(leaves):
-            loss = obj.loss(batch)
-            grads = torch.autograd.grad(loss, leaves, create_graph=True)
-        return loss.detach(), list(grads), leaves
+    Derivatives are taken against one leaf per parameter (views of φ, no copy), never against the flat buffer:
+    that leaf's backward concatenates every parameter's gradient into a fresh parameter-sized buffer, once more
+    in the HVP through a kept graph. Without create_graph, each parameter's gradient is copied into the output as
+    it arrives and dropped: one parameter-sized buffer at the peak."""
     arena = obj.arena
-    out = [torch.zeros_like(f) for f in flats]  # parameters the loss does not reach keep 0
     leaves = {n: x.detach().requires_grad_(True) for n, x in arena.views(flats).items()}
+    if create_graph:
+        with rng.replay(), arena.bind(leaves):
+            loss = obj.loss(batch)
+            grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True, materialize_grads=True)
+        by_name = dict(zip(leaves, grads))
+        del grads
+        # the flat gradient is a differentiable cat of the parameters' (its backward only slices the cotangent)
+        flat = [torch.cat([by_name.pop(n).reshape(-1) for n in names]) for names in arena.names]
+        return loss.detach(), KeptGraph(grads=flat, leaves=list(leaves.values()), names=list(leaves))
+    out = [torch.empty_like(f) for f in flats]  # written by the hooks; parameters the loss does not reach get 0
     out_v = arena.views(out)
+    arrived = set()
 
-    def arrived(p, o):
+    def copy_out(p, name):
         if p.grad is not None:
-            o.copy_(p.grad)
+            out_v[name].copy_(p.grad)
             p.grad = None
+            arrived.add(name)
 
-    hooks = [x.register_post_accumulate_grad_hook(lambda p, _o=out_v[n]: arrived(p, _o)) for n, x in leaves.items()]
+    hooks = [x.register_post_accumulate_grad_hook(lambda p, _n=n: copy_out(p, _n)) for n, x in leaves.items()]
     try:
         with rng.replay(), arena.bind(leaves):
             loss = obj.loss(batch)
@@ -88,7 +95,19 @@ def gradient(obj: Objective, flats, batch, rng: RngState, *, create_graph=False)
     finally:
         for h in hooks:
             h.remove()
+    for n in leaves.keys() - arrived:
+        out_v[n].zero_()
     return loss.detach(), out
+
+
+@dataclass
+class KeptGraph:
+    """A support gradient with its graph alive (inner_graph="keep"), from `gradient(create_graph=True)`: the flat
+    gradient buffers carrying the graph, and what they were differentiated against: one autograd leaf per
+    parameter (views of φ) and the parameters' names, in the arena's packing order (the flat gradient's layout)."""
+    grads: list | None  # ∇L(φ) per flat buffer; None once kept_ has walked the graph
+    leaves: list
+    names: list
 
 
 def _per_parameter(arena, flats, vec, acc):
@@ -189,23 +208,29 @@ def hvp_first_order_(obj, flats, batch, rng, vec, acc, opts: Options = None):
 MODES = {"exact": hvp_exact_, "mixed": hvp_mixed_, "fd": hvp_fd_, "first_order": hvp_first_order_}
 
 
-@dataclass
-class KeptGraph:
-    """A gradient with its graph, built in the forward pass (inner_graph="keep")."""
-    grads: list    # ∇L(φ) per flat buffer, create_graph=True
-    leaves: list   # the flat leaves φ it was taken at
-
-
 def kept_(obj, kept: KeptGraph, rng, vec, acc):
-    """acc += ∇⟨g, vec⟩ through the kept gradient graph; the whole model's second-order graph is alive until this
-    returns (the caller's `kept` must be its last reference)."""
-    grads, leaves = kept.grads, kept.leaves
-    kept.grads = kept.leaves = None
-    # the double backward may recompute checkpointed blocks: it must see the same weights and RNG
-    with rng.replay(), obj.arena.bind(leaves):
-        hv = torch.autograd.grad(grads, leaves, grad_outputs=[v.to(g.dtype) for v, g in zip(vec, grads)],
-                                 allow_unused=True)
-    del grads, leaves  # frees the second-order graph before the sum
-    for a, h in zip(acc, hv):
-        if h is not None:
-            a.add_(h.to(a.dtype))
+    """acc += ∇⟨g, vec⟩ through the KeptGraph from `gradient(create_graph=True)` (inner_graph="keep"). The
+    second-order graph is freed as the backward walks it (the record gives up its reference: the caller's must be
+    the last other one); each parameter's piece of H·vec is added into acc as it is complete (tied uses summed)
+    and dropped: no H·vec assembled whole, no parameter-sized concatenation."""
+    grads, graph = kept.grads, kept
+    kept.grads = None
+    acc_v = obj.arena.views(acc)
+
+    def add_into(p, a):
+        if p.grad is not None:
+            a.add_(p.grad.to(a.dtype))
+            p.grad = None
+
+    hooks = [x.register_post_accumulate_grad_hook(lambda p, _a=acc_v[n]: add_into(p, _a))
+             for n, x in zip(graph.names, graph.leaves)]
+    try:
+        # the double backward may recompute checkpointed blocks: it must see the same weights and RNG
+        with rng.replay(), obj.arena.bind(dict(zip(graph.names, graph.leaves))):
+            pairs = [(g, v.to(g.dtype)) for g, v in zip(grads, vec) if g.requires_grad]  # a buffer L never reaches
+            if pairs:
+                torch.autograd.backward([g for g, _ in pairs], grad_tensors=[v for _, v in pairs],
+                                        inputs=graph.leaves)
+    finally:
+        for h in hooks:
+            h.remove()

@@ -150,9 +150,10 @@ def adjoint_(rule: InnerRule, rec: InnerStep, adj: Adjoint) -> list:
     """One iteration of DESIGN.md's reverse recursion without the Hessian term: returns ḡ_j and moves `adj` from
     step j to step j-1 (p̄ ← c·p̄, m̄ ← β1·m̄, v̄ ← β2·v̄). The caller then adds H_{S_j}(φ_{j-1})·ḡ into adj.p_bar.
 
-    Nothing parameter-sized is allocated (AdamW): p̄ is updated in place, ḡ is written over g_j (unless g_j's storage
-    belongs to a kept graph, or is narrower than the state dtype), and ∂L/∂m_{j-1}, ∂L/∂v_{j-1} over m_{j-1}, v_{j-1}
-    when they were stored (j ≥ 2; at j = 1 they are the shared moments or zeros and nothing needs their adjoint).
+    Nothing parameter-sized is allocated (AdamW): p̄ is updated in place, ḡ is written over g_j (unless g_j is
+    narrower than the state dtype; a kept graph's flat g_j is a cat whose backward never reads it), and
+    ∂L/∂m_{j-1}, ∂L/∂v_{j-1} over m_{j-1}, v_{j-1} when they were stored (j ≥ 2; at j = 1 they are the shared
+    moments or zeros and nothing needs their adjoint).
     """
     if not rule.has_moments:  # SGD: ḡ = -α p̄, p̄ ← c·p̄ (out of place; no moments)
         outs = [kernels.inner_sgd_adjoint(pb, lr=rule.lr, weight_decay=rule.weight_decay) for pb in adj.p_bar]
@@ -163,7 +164,7 @@ def adjoint_(rule: InnerRule, rec: InnerStep, adj: Adjoint) -> list:
     dst = src if isinstance(src, StoredMoments) else None
     g_bar = []
     for i, (p0, gi, pb) in enumerate(zip(rec.phi, rec.g, adj.p_bar)):
-        gb = gi if rec.kept is None and gi.dtype == pb.dtype else torch.empty_like(pb)
+        gb = gi if gi.dtype == pb.dtype else torch.empty_like(pb)
         c = min(pb.numel(), MOMENT_CHUNK)
         pj, mj, vj = p0.new_empty(c), pb.new_empty(c), pb.new_empty(c)  # φ_j (unused), m_j, v_j of one chunk
         for s, n in chunks(pb.numel(), MOMENT_CHUNK):

@@ -80,3 +80,58 @@ def test_every_mode_adds_the_float64_hvp(tiny, gen, mode, arch, dropout, T):
     # fd: O(r²) truncation + rounding of 2 gradients / 2r; Llama's RMSNorm and rotary run in float32 in HF
     tol = {"fd": 1e-5 if arch == "gpt2" else 1e-3}.get(mode, 1e-6 if arch == "llama" else 1e-11)
     assert num / den < tol, f"{mode} {arch}: relative error {num / den:.2e}"
+
+
+@pytest.mark.parametrize("arch,dropout,T", [("gpt2", 0.1, 9), ("gpt2", 0.0, 200), ("llama", 0.0, 9)])
+def test_kept_graph_adds_the_float64_hvp(tiny, gen, arch, dropout, T):
+    """inner_graph="keep": gradient(create_graph=True) then kept_ through that graph adds the same float64 HVP,
+    and the flat gradient it returns is ∇L (tied GPT-2 embeddings: both uses summed)."""
+    from mamlen.core import attention
+    model, engine, batch, vec = _setup(tiny, gen, arch, dropout, T, "exact")
+    params = dict(model.named_parameters())
+    arena = engine.arena
+    rng = RngState(arena.device)
+    start = arena.new(fill=0.5)
+    acc = [a.clone() for a in start]
+    with attention.using(model, engine.attention.second_order):
+        loss, kept = hvp.gradient(engine.obj, arena.flats, batch, rng, create_graph=True)
+        g_detached = arena.views([x.detach().clone() for x in kept.grads])
+        hvp.kept_(engine.obj, kept, rng, arena.flatten(vec), acc)
+        assert kept.grads is None  # kept_ gave up the graph
+        del kept
+        ref_theta = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
+        torch.set_rng_state(rng.cpu)
+        ref_g = torch.autograd.grad(causal_lm_loss(_Functional(model, ref_theta), batch), list(ref_theta.values()))
+        ref = _reference_hvp(model, params, batch, vec, rng.cpu)
+    got = arena.views([a - s for a, s in zip(acc, start)])
+    tol = 1e-6 if arch == "llama" else 1e-11
+
+    def rel(a, b):
+        num = sum(float((a[n] - b[n]).pow(2).sum()) for n in b) ** 0.5
+        return num / sum(float(b[n].pow(2).sum()) for n in b) ** 0.5
+
+    assert rel(g_detached, dict(zip(ref_theta, ref_g))) < tol
+    assert rel(got, ref) < tol, f"kept {arch}: relative error {rel(got, ref):.2e}"
+
+
+def test_kept_graph_does_not_read_the_flat_gradient(tiny, gen):
+    """The flat gradient returned with create_graph is a cat whose backward saves nothing: kept_ reads only its
+    graph, so a caller may overwrite that buffer in place (e.g. write ḡ over g_j) and pass it as vec."""
+    from mamlen.core import attention
+    model, engine, batch, vec = _setup(tiny, gen, "llama", 0.0, 9, "exact")
+    arena = engine.arena
+    flat_vec = arena.flatten(vec)
+    out = []
+    for overwrite in (False, True):
+        rng = RngState(arena.device)
+        acc = arena.new()
+        with attention.using(model, engine.attention.second_order):
+            _, kept = hvp.gradient(engine.obj, arena.flats, batch, rng, create_graph=True)
+            v = flat_vec
+            if overwrite:
+                v = [x.detach() for x in kept.grads]
+                for x, y in zip(v, flat_vec):
+                    x.copy_(y)
+            hvp.kept_(engine.obj, kept, rng, v, acc)
+        out.append(acc)
+    assert all(torch.equal(a, b) for a, b in zip(*out))
