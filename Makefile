@@ -25,8 +25,9 @@ test: $(STAMP)
 	# every benchmark once, untimed and at small sizes, so that they cannot rot (bench/README.md)
 	$(BIN)/python -m pytest -q bench --benchmark-disable
 
+# glibc keeps freed parameter-sized buffers instead of unmapping them: ~30% less CPU (bench/results/study_step.md)
 demo: $(STAMP)
-	$(BIN)/python train/meta.py --preset demo
+	MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 $(BIN)/python train/meta.py --preset demo
 
 # timed kernel and meta-step benchmarks; BENCH_ARGS e.g. --benchmark-autosave, or
 # --benchmark-compare --benchmark-compare-fail=median:20% (bench/README.md)
