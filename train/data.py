@@ -116,6 +116,19 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: cannot be read ({e.strerror})") from None
 
 
+def _read_json_object(path: Path, expected: str) -> tuple[dict, str]:
+    """(the JSON object in path, its text for _line_of); malformed JSON or another top-level type names the file
+    and line."""
+    text = _read_text(path)
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}:1: expected a JSON object {expected}")
+    return raw, text
+
+
 def _line_of(text: str, needle: str) -> int:
     i = text.find(json.dumps(needle))
     return text.count("\n", 0, i) + 1 if i >= 0 else 1
@@ -124,13 +137,7 @@ def _line_of(text: str, needle: str) -> int:
 def load_setting(data_dir, setting: str) -> dict:
     """{"train": [...], "test": [...], "unseen_domain_test": [...]}, every task present under data_dir."""
     path = _setting_path(data_dir, setting)
-    text = _read_text(path)
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-    if not isinstance(raw, dict):
-        raise DataError(f"{path}:1: expected a JSON object with keys {list(SETTING_KEYS)}")
+    raw, text = _read_json_object(path, f"with keys {list(SETTING_KEYS)}")
     unknown = sorted(set(raw) - set(SETTING_KEYS))
     if unknown:
         raise DataError(f"{path}:{_line_of(text, unknown[0])}: unknown key {unknown[0]!r} "
@@ -208,13 +215,7 @@ def task_info(data_dir, task: str, examples: Sequence[dict] | None = None) -> di
     """
     meta_path = Path(data_dir) / "tasks.json"
     if meta_path.is_file():
-        text = _read_text(meta_path)
-        try:
-            meta = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{meta_path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(meta, dict):
-            raise DataError(f"{meta_path}:1: expected a JSON object {{task: {{\"type\": ..., \"domain\": ...}}}}")
+        meta, text = _read_json_object(meta_path, '{task: {"type": ..., "domain": ...}}')
         if task in meta:
             if not isinstance(meta[task], dict):
                 raise DataError(f"{meta_path}:{_line_of(text, task)}: task {task!r}: expected an object with "

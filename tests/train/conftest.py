@@ -3,8 +3,17 @@ import json
 import warnings
 
 import pytest
+import torch
 
 from mamlen.train import models
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Training runs (the tiny preset) set torch.set_num_threads(1) in this process; later tests get it back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

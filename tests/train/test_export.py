@@ -9,13 +9,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mamlen.train import checkpoint, evaluate, export, meta, models
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():  # the tiny preset sets torch.set_num_threads(1) in this process
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("model_name", ["tiny-gpt2", "tiny-llama"])
 def test_export_reloads_with_identical_logits_and_evaluates(tmp_path, model_name):

@@ -11,13 +11,6 @@ from mamlen.train import meta
 TINY = ["--preset", "tiny", "--set", "log.tensorboard=false"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():  # the tiny preset sets torch.set_num_threads(1) in this process
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def run(out, steps, *extra):
     return meta.main([*TINY, "--output-dir", str(out), "--max-steps", str(steps), *extra])
 

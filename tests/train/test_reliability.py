@@ -26,13 +26,6 @@ META = ROOT / "train" / "meta.py"
 TINY = ["--preset", "tiny", "--set", "log.tensorboard=false"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():  # the tiny preset sets torch.set_num_threads(1) in this process
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail the test if a model is loaded: the error under test must come before."""
