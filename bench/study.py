@@ -42,6 +42,8 @@ from pathlib import Path
 
 import yaml
 
+from mamlen.train.bootstrap import Bootstrap, hierarchical_bootstrap
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import stats  # noqa: E402  (bench/stats.py)
@@ -426,7 +428,7 @@ class Comparison:
     per_seed: list[float]           # macro improvement of each training seed
     t: stats.PairedT | None
     perm_p: float | None
-    boot: stats.Bootstrap | None
+    boot: Bootstrap | None
     p_holm: float | None = None
 
 
@@ -452,7 +454,7 @@ def compare(results_dir: Path, results: dict, arm: str, ref: str, split: str, me
     per_seed = [sum(sum(q) / len(q) for q in d) / len(d) for d in diffs]
     t = stats.paired_t(per_seed) if len(seeds) >= 2 else None
     perm = stats.sign_flip_p(per_seed) if len(seeds) >= 2 else None
-    boot = stats.hierarchical_bootstrap(diffs, n_boot=n_boot)
+    boot = hierarchical_bootstrap(diffs, n_boot=n_boot)
     return Comparison(arm, ref, split, metric, seeds, per_seed, t, perm, boot)
 
 
@@ -530,7 +532,7 @@ def curve_rows(results_dir: Path, results: dict, n_boot: int = 2000) -> list[dic
             for m in METRICS:
                 d = improvement(query_values(load_per_query(results_dir, name), sp, m),
                                 query_values(load_per_query(results_dir, base), sp, m), m)
-                row[(sp, m)] = stats.hierarchical_bootstrap([d], n_boot=n_boot)
+                row[(sp, m)] = hierarchical_bootstrap([d], n_boot=n_boot)
             row[(sp, "score")] = r["evals"][sp]["macro"]["mean"] - results[base]["evals"][sp]["macro"]["mean"]
         rows.append(row)
     return sorted(rows, key=lambda x: (x["track"], x["step"]))

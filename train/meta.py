@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from mamlen.core import FSDPMetaEngine, MetaConfig, MetaEngine
 from mamlen.train import checkpoint, config, data, evaluate, models, parent_watch, ranks, resume, sharded_checkpoint
+from mamlen.train.bootstrap import hierarchical_bootstrap
 from mamlen.train.checkpoint import CheckpointError
 from mamlen.train.logger import Logger, peak_mem_gb
 from mamlen.train.run_lock import RunLock, RunLockError
@@ -117,11 +118,14 @@ def run_eval(cfg, model, tok, tasks, log, step, tag):
                                seeds=tuple(cfg.eval.seeds), method=cfg.data.method, batch_size=cfg.eval.batch_size,
                                max_len=cfg.eval.max_len or cfg.data.max_len,
                                max_example_len=cfg.data.max_example_len, max_queries=cfg.eval.max_queries,
-                               progress=cfg.log.progress)
+                               per_query=True, progress=cfg.log.progress)
     model.train(cfg.model.dropout)
     checkpoint.set_rng_state(rng)
     summary = {"tasks": {t: r["mean"] for t, r in result["tasks"].items()},
-               "nll": {t: r["nll_mean"] for t, r in result["tasks"].items()}, "macro": result["macro"]}
+               "nll": {t: r["nll_mean"] for t, r in result["tasks"].items()}, "macro": result["macro"],
+               "queries": {t: {m: seed_mean([s[m] for s in by_seed.values()]) for m in ("nll", "margin")}
+                           for t, by_seed in result["per_query"].items()
+                           if len({len(s["nll"]) for s in by_seed.values()}) == 1}}
     log.eval(step, summary, tag)
     return summary
 
@@ -144,7 +148,32 @@ def side_by_side(before: dict, after: dict) -> str:
                 f"{am.get('margin', nan) - bm.get('margin', nan):+8.4f}")
     rows.append("(score: macro-F1 or accuracy, higher is better; gold NLL: nats/token of the gold option, lower is "
                 "better; margin: higher is better)")
+    rows += paired_changes(before, after)
     return "\n".join(rows)
+
+
+def seed_mean(per_seed: list[list[float]]) -> list[float]:
+    """Each query's value averaged over the demonstration seeds (which score the same queries of a task)."""
+    return [sum(v) / len(v) for v in zip(*per_seed, strict=True)]
+
+
+def paired_changes(before: dict, after: dict) -> list[str]:
+    """The macro changes of gold NLL and margin with a 95% bootstrap interval over tasks x queries, each query
+    paired with itself before and after; nothing when either evaluation lacks per-query values (an old run)
+    or they scored different queries."""
+    b, a = before.get("queries"), after.get("queries")
+    if (not a or not b or sorted(a) != sorted(b) or sorted(a) != sorted(after["tasks"])
+            or any(len(a[t]["nll"]) != len(b[t]["nll"]) for t in a)):
+        return []
+    n = sum(len(a[t]["nll"]) for t in a)
+    rows = [f"change after - before, 95% bootstrap interval over {len(a)} tasks x {n} queries (one training run: "
+            "the spread between training seeds is not in it):"]
+    for metric, better in (("nll", "lower"), ("margin", "higher")):
+        diffs = [[x - y for x, y in zip(a[t][metric], b[t][metric])] for t in sorted(a)]
+        ci = hierarchical_bootstrap([diffs], n_boot=2000)
+        rows.append(f"  {'gold NLL' if metric == 'nll' else 'margin':9s} {ci.mean:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}]"
+                    f"  ({better} is better)")
+    return rows
 
 
 def restore(ck: checkpoint.Checkpoint, cfg: config.Config, model, engine, sampler, rank: int, world: int,

@@ -1,5 +1,5 @@
 """bench/stats.py against known answers: textbook t intervals, hand-counted permutation p-values, Holm's worked
-example, G*Power's power figure, and bootstrap limits that follow from the data's structure."""
+example and G*Power's power figure (the bootstrap: tests/train/test_bootstrap.py)."""
 import importlib.util
 import itertools
 import math
@@ -75,30 +75,6 @@ def test_power_matches_gpower():
     # fewer seeds or a stricter alpha: a larger effect is needed
     assert stats.min_detectable_effect(5, 1.0) > stats.min_detectable_effect(10, 1.0)
     assert stats.min_detectable_effect(10, 1.0, alpha=0.01) > stats.min_detectable_effect(10, 1.0)
-
-
-def test_bootstrap_constant_and_single_level():
-    flat = [[[0.25] * 5, [0.25] * 9]] * 3
-    b = stats.hierarchical_bootstrap(flat, n_boot=200)
-    assert (b.mean, b.low, b.high) == (pytest.approx(0.25), pytest.approx(0.25), pytest.approx(0.25))
-    # one seed, one task: the ordinary bootstrap of a mean, whose SE is sd/sqrt(n) (normal interval +-1.96 SE)
-    rng = np.random.default_rng(3)
-    q = rng.normal(0.1, 1.0, size=400)
-    b = stats.hierarchical_bootstrap([[q]], n_boot=4000)
-    se = q.std(ddof=0) / math.sqrt(q.size)
-    assert b.mean == pytest.approx(q.mean())
-    assert (b.high - b.low) / (2 * 1.96 * se) == pytest.approx(1.0, abs=0.08)
-
-
-def test_bootstrap_seed_level_dominates():
-    # seeds differ by +-1, queries barely vary: the interval spans the seed spread, not the query noise
-    rng = np.random.default_rng(4)
-    diffs = [[list(m + 1e-3 * rng.normal(size=50)) for _ in range(4)] for m in (-1.0, 0.0, 1.0, 2.0)]
-    b = stats.hierarchical_bootstrap(diffs, n_boot=2000)
-    assert b.mean == pytest.approx(0.5, abs=1e-3)
-    assert b.low < -0.2 and b.high > 1.2
-    with pytest.raises(ValueError, match="same"):
-        stats.hierarchical_bootstrap([[[1.0, 2.0]], [[1.0]]])
 
 
 def test_power_with_few_seeds_and_strict_alpha_is_finite():

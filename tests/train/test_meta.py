@@ -42,6 +42,7 @@ def test_resume_is_exact_and_skips_a_truncated_checkpoint(tmp_path, capsys):
                "--set", "eval.tasks=[noun_category,verb_transitivity]") == 0
     printed = capsys.readouterr().out
     assert "before vs after" in printed and "macro mean" in printed and "gold NLL" in printed
+    assert "bootstrap interval over 2 tasks x 4 queries" in printed  # the per-query values of both evaluations
     tags = [json.loads(line)["tag"] for line in (a / "eval.jsonl").read_text().splitlines()]
     assert tags == ["before", "periodic", "periodic"]  # step 4's periodic evaluation doubles as "after"
 
@@ -127,3 +128,25 @@ def test_side_by_side_shows_score_and_gold_nll_changes():
     # an evaluation logged before NLL was recorded (a resumed old run) shows its scores and nan for NLL
     old = {"tasks": {"t1": 0.5, "t2": 0.25}, "macro": {"mean": 0.375, "worst": 0.25}}
     assert "nan" in meta.side_by_side(old, after).splitlines()[1]
+
+
+def test_paired_changes_pair_each_query_with_itself():
+    # two tasks with different query counts; after = before + a per-query change whose macro mean is known
+    nll_b = {"t1": [1.0, 2.0, 3.0], "t2": [0.5, 0.5]}
+    change = {"t1": [-0.5, -0.25, 0.0], "t2": [0.25, -0.75]}
+    macro = ((-0.75 / 3) + (-0.5 / 2)) / 2
+    before = {"tasks": {"t1": 0.5, "t2": 0.5},
+              "queries": {t: {"nll": v, "margin": [0.0] * len(v)} for t, v in nll_b.items()}}
+    after = {"tasks": {"t1": 0.5, "t2": 0.5},
+             "queries": {t: {"nll": [x + d for x, d in zip(v, change[t])], "margin": [0.125] * len(v)}
+                         for t, v in nll_b.items()}}
+    lines = meta.paired_changes(before, after)
+    assert "2 tasks x 5 queries" in lines[0]
+    nll = [float(x.strip("[],")) for x in lines[1].split()[2:5]]
+    assert nll[0] == pytest.approx(macro) and nll[1] < macro < nll[2]
+    assert lines[2].split()[1:4] == ["+0.1250", "[+0.1250,", "+0.1250]"]  # a constant change: no spread
+    # an old evaluation without per-query values, or different queries: no interval rather than a wrong one
+    assert meta.paired_changes({"tasks": before["tasks"]}, after) == []
+    fewer = {**before, "queries": {**before["queries"], "t2": {"nll": [0.5], "margin": [0.0]}}}
+    assert meta.paired_changes(fewer, after) == []
+    assert meta.seed_mean([[1.0, 2.0], [3.0, 5.0]]) == [2.0, 3.5]
