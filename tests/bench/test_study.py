@@ -179,3 +179,39 @@ def test_analysis_known_answer(tmp_path):
     m = study.compare(results, res, "metaicl", "base", "test", "margin", n_boot=200)
     assert m.per_seed == pytest.approx(want)  # margin = −nll here: the same improvement, sign handled
     assert c.boot.low <= c.t.mean <= c.boot.high
+
+
+def test_gold_nll_gain_splits_into_label_set_and_margin(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    results = tmp_path / "study"
+
+    def write(name, arm, seed, shift):
+        # per query: gold NLL and margin drawn independently; the arm shifts every best-wrong NLL down by `shift`
+        pq = {sp: {t: {s: {"nll": list(nll[sp][t][s] - shift), "margin": list(mar[sp][t][s] + 0.0),
+                           "correct": [True] * 3} for s in ("1", "2")} for t in ("a", "b")} for sp in study.SPLITS}
+        if name != "base":  # change gold and wrong differently: margin moves too
+            for sp in pq:
+                for t in pq[sp]:
+                    for s in pq[sp][t]:
+                        extra = rng.normal(size=3)
+                        pq[sp][t][s]["nll"] = list(np.array(pq[sp][t][s]["nll"]) - extra)
+                        pq[sp][t][s]["margin"] = list(np.array(pq[sp][t][s]["margin"]) + extra)
+        study._write(results / f"{name}.pq.json.gz", {"per_query": pq})
+        study._write(results / f"{name}.json", {"name": name, "plan": "main", "arm": arm, "status": 0,
+                                                "evals": {}, "run": {"seed": seed, "steps": 1, "track": ""}})
+
+    nll = {sp: {t: {s: rng.gamma(2.0, size=3) for s in ("1", "2")} for t in ("a", "b")} for sp in study.SPLITS}
+    mar = {sp: {t: {s: rng.normal(size=3) for s in ("1", "2")} for t in ("a", "b")} for sp in study.SPLITS}
+    write("base", "base", 0, 0.0)
+    for seed, shift in enumerate((0.25, 0.5)):
+        write(f"metaicl-s{seed}", "metaicl", seed, shift)
+    res = study.load_results(results)
+    g, w, m = (study.compare(results, res, "metaicl", "base", "test", k, n_boot=100) for k in ("nll", study.WRONG,
+                                                                                                 "margin"))
+    assert np.allclose(np.array(g.per_seed), np.array(w.per_seed) + np.array(m.per_seed))
+    assert w.per_seed == pytest.approx([0.25, 0.5])  # the shift of every wrong option, and nothing else
+    rows = [r for r in study.decomposition_table(results, n_boot=100) if r.startswith("| MetaICL")]
+    assert len(rows) == 2 and rows[0].split("|")[3].strip() == "2"
+    assert rows[0].split("|")[5].strip().startswith(f"{w.t.mean:+.4f} [")
