@@ -154,8 +154,8 @@ def test_adaptation_table_known_answer():
 
 def _write_pq(results, name, arm, seed, values, plan="main"):
     """values: {task: per-query nll list}; margin = −nll, identical for both demonstration seeds."""
-    pq = {"test": {t: {s: {"nll": v, "margin": [-x for x in v], "correct": [True] * len(v)} for s in ("1", "2")}
-                   for t, v in values.items()}}
+    pq = {sp: {t: {s: {"nll": v, "margin": [-x for x in v], "correct": [True] * len(v)} for s in ("1", "2")}
+               for t, v in values.items()} for sp in study.SPLITS}
     study._write(results / f"{name}.pq.json.gz", {"per_query": pq})
     study._write(results / f"{name}.json", {"name": name, "plan": plan, "arm": arm, "status": 0, "evals": {},
                                             "run": {"seed": seed, "steps": 1, "track": ""}})
@@ -179,6 +179,15 @@ def test_analysis_known_answer(tmp_path):
     m = study.compare(results, res, "metaicl", "base", "test", "margin", n_boot=200)
     assert m.per_seed == pytest.approx(want)  # margin = −nll here: the same improvement, sign handled
     assert c.boot.low <= c.t.mean <= c.boot.high
+    # the table's corrected interval: the t interval at 1 − 0.05/m, m = 4 tests (2 splits x 2 metrics)
+    from scipy import stats as st
+
+    comps = study.main_comparisons(results, n_boot=100)
+    assert len(comps) == 4 and all(x.t_simultaneous is not None for x in comps)
+    half = st.t.ppf(1 - 0.05 / 8, 2) * np.std(want, ddof=1) / np.sqrt(3)
+    assert comps[0].t_simultaneous.low == pytest.approx(np.mean(want) - half)
+    assert comps[0].t_simultaneous.high - comps[0].t_simultaneous.low > comps[0].t.high - comps[0].t.low
+    assert f"corrected [{np.mean(want) - half:+.4f}," in "\n".join(study.main_table(comps))
 
 
 def test_gold_nll_gain_splits_into_label_set_and_margin(tmp_path):
