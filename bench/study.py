@@ -530,6 +530,41 @@ def power_table(comps: list[Comparison]) -> list[str]:
     return out
 
 
+def _over_seeds(xs: list[float]) -> str:
+    if len(xs) == 1:
+        return f"{xs[0]:.3f}"
+    t = stats.paired_t(xs)
+    return f"{t.mean:.3f} [{t.low:.3f}, {t.high:.3f}]"
+
+
+def arms_table(results: dict) -> list[str]:
+    """The paper's layout: one row per arm, its absolute scores on each split as the mean over training seeds with
+    a 95% t interval over seeds (n − 1 dof), and the compute each run took (the improvements, paired, are the
+    main table's)."""
+    runs: dict[str, list[dict]] = {}
+    for r in results.values():
+        if r.get("plan") == "main" and r.get("status") == 0 and "evals" in r:
+            runs.setdefault(r["arm"], []).append(r)
+    if not runs:
+        return ["(no main-plan runs evaluated yet)"]
+    cols = [(sp, m, name) for sp in SPLITS for m, name in (("mean", "score"), ("nll", "gold NLL"),
+                                                           ("margin", "margin"))]
+    out = ["Macro over tasks (score: macro-F1 or accuracy; gold NLL and margin in nats/token), mean over training "
+           "seeds [95% t interval over seeds]; CPU seconds of training per run (one thread) and target tokens.", "",
+           "| arm | seeds | meta-steps | " + " | ".join(f"{SPLIT_NAMES[sp]}: {name}" for sp, _, name in cols)
+           + " | train CPU s / run | train tokens / run |", "|---|---:|---:|" + "---|" * len(cols) + "---:|---:|"]
+    for arm in ARMS:
+        rs = runs.get(arm)
+        if not rs:
+            continue
+        cells = [_over_seeds([r["evals"][sp]["macro"][m] for r in rs]) for sp, m, _ in cols]
+        cpu = _mean([r.get("compute", {}).get("train_cpu_s_this_process") for r in rs])
+        tok = _mean([r.get("training", {}).get("tokens") for r in rs])
+        out.append(f"| {ARMS[arm][0]} | {len(rs)} | {rs[0]['run']['steps']} | " + " | ".join(cells)
+                   + f" | {'–' if not cpu else f'{cpu:.0f}'} | {'–' if not tok else f'{tok:.0f}'} |")
+    return out
+
+
 def decomposition_table(results_dir: Path, n_boot: int = 2000) -> list[str]:
     """Each arm's gold-NLL gain over the base model split into the label set's gain (the best wrong option's NLL
     falls too) and the discrimination gain (margin). Descriptive: not in the Holm family of the main table."""
@@ -683,6 +718,7 @@ def report(results_dir: Path = RESULTS_DIR, md_path: Path | None = None, n_boot:
     if plot_curve(rows, png):
         md += ["", f"![pilot curve]({png.name})"]
     comps = main_comparisons(results_dir, n_boot)
+    md += ["", "## Main plan: the arms", ""] + arms_table(results)
     md += ["", "## Main plan: paired comparisons", ""] + main_table(comps)
     md += ["", "### Power", ""] + power_table(comps)
     md += ["", "### Where the gold-NLL gain comes from", ""] + decomposition_table(results_dir, n_boot)

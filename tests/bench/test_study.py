@@ -224,3 +224,21 @@ def test_gold_nll_gain_splits_into_label_set_and_margin(tmp_path):
     rows = [r for r in study.decomposition_table(results, n_boot=100) if r.startswith("| MetaICL")]
     assert len(rows) == 2 and rows[0].split("|")[3].strip() == "2"
     assert rows[0].split("|")[5].strip().startswith(f"{w.t.mean:+.4f} [")
+
+
+def test_arms_table_known_answer():
+    from scipy import stats as st
+
+    def run(arm, seed, score, cpu):
+        ev = {sp: {"macro": {"mean": score, "worst": score, "nll": 1.0 - score, "margin": -score}}
+              for sp in study.SPLITS}
+        return {"plan": "main", "status": 0, "arm": arm, "run": {"seed": seed, "steps": 100}, "evals": ev,
+                "compute": {"train_cpu_s_this_process": cpu}, "training": {"tokens": 600}}
+
+    results = {"base": run("base", 0, 0.3, None), "m0": run("metaicl", 0, 0.4, 700.0),
+               "m1": run("metaicl", 1, 0.5, 800.0), "x": {**run("maml", 0, 0.9, 1.0), "status": 1}}
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[1:-1]] for r in study.arms_table(results)[4:]}
+    assert set(rows) == {"no meta-training", "MetaICL"}  # a failed run is not an arm's seed
+    half = st.t.ppf(0.975, 1) * (0.1 / 2 ** 0.5) / 2 ** 0.5  # sd of (0.4, 0.5) is 0.1 / sqrt(2); n = 2
+    assert rows["MetaICL"][1:4] == ["2", "100", f"0.450 [{0.45 - half:.3f}, {0.45 + half:.3f}]"]
+    assert rows["MetaICL"][-2:] == ["750", "600"] and rows["no meta-training"][3] == "0.300"
