@@ -104,6 +104,8 @@ ARMS = {
                {"train.method": "maml-en-llm", "engine.hvp": "first_order", "engine.inner_graph": "recompute"}),
 }
 
+INNER_STEP_ARMS = ("maml", "fomaml")  # MetaICL has no inner step: its logged adapt_gain is a placeholder 0
+
 
 def build_plan(name: str, steps: int = 200, time_factor: int = 3, seeds: int = 5) -> Plan:
     """smoke: tiny random GPT-2 (tests); pilot: MetaICL score vs meta-steps; main: the arms x `seeds` training
@@ -658,7 +660,7 @@ def compute_table(results: dict) -> list[str]:
     for name, r in results.items():
         c, t = r.get("compute", {}), r.get("training", {})
         ev = sum(e["cpu_s"] for e in r.get("evals", {}).values())
-        g = t.get("adapt_gain_last50") if r["arm"] in ("maml", "fomaml") else None  # MetaICL has no inner step
+        g = t.get("adapt_gain_last50") if r["arm"] in INNER_STEP_ARMS else None
         out.append(f"| {name} | {r['arm']} | {r['run']['steps']} | {t.get('tokens', 0)} | "
                    f"{c.get('train_cpu_s_this_process', 0):.0f} | {c.get('resumed_from_step', 0)} | {ev:.0f} | "
                    f"{'–' if g is None else f'{g:+.4f}'} | {r['git'][:7]} |")
@@ -680,7 +682,7 @@ def adaptation_table(results: dict, logs: dict[str, list[dict]]) -> list[str]:
     by_arm: dict[str, list[float]] = {}
     for name, log in logs.items():
         g = [m["adapt_gain"] for m in log if m.get("adapt_gain") is not None and math.isfinite(m["adapt_gain"])]
-        if len(g) < 2 or name not in results:
+        if len(g) < 2 or name not in results or results[name]["arm"] not in INNER_STEP_ARMS:
             continue
         t = stats.paired_t(g)
         arm = results[name]["arm"]

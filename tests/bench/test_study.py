@@ -138,8 +138,8 @@ def test_adaptation_table_known_answer():
     import numpy as np
     from scipy import stats as st
 
-    gains = {"maml-s0": [0.1, 0.3, -0.1, 0.2], "maml-s1": [0.0, 0.2, 0.1, 0.1]}
-    results = {n: {"arm": "maml", "plan": "main"} for n in gains}
+    gains = {"maml-s0": [0.1, 0.3, -0.1, 0.2], "maml-s1": [0.0, 0.2, 0.1, 0.1], "metaicl-s0": [0.0] * 4}
+    results = {n: {"arm": n.split("-")[0], "plan": "main"} for n in gains}
     logs = {n: [{"step": i + 1, "adapt_gain": g} for i, g in enumerate(v)] for n, v in gains.items()}
     rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[1:-1]]
             for r in study.adaptation_table(results, logs)[2:]}
@@ -148,6 +148,7 @@ def test_adaptation_table_known_answer():
     assert rows["maml-s0"][3] == f"{g.mean():+.4f}"
     assert rows["maml-s0"][4] == f"[{g.mean() - half:+.4f}, {g.mean() + half:+.4f}]"
     assert rows["maml-s0"][5] == "3/4"
+    assert "metaicl-s0" not in rows  # no inner step: its logged 0 is not a measurement
     pooled = next(v for k, v in rows.items() if k.startswith("**MAML-en-LLM, 2 seeds"))
     assert pooled[3] == f"{np.mean([g.mean(), np.mean(gains['maml-s1'])]):+.4f}"
 
