@@ -443,14 +443,18 @@ class Comparison:
     t_simultaneous: stats.PairedT | None = None  # the t interval at level 1 − 0.05/m (Bonferroni over the table)
 
 
+def runs_by_seed(results: dict, arm: str) -> dict[int, str]:
+    """{training seed: run name} of the arm's finished and evaluated main-plan runs (no pilot or curve track)."""
+    return {r["run"]["seed"]: name for name, r in results.items()
+            if r.get("arm") == arm and r.get("status") == 0 and r.get("plan") == "main" and "evals" in r
+            and not r["run"].get("track")}
+
+
 def compare(results_dir: Path, results: dict, arm: str, ref: str, split: str, metric: str,
             n_boot: int = 2000) -> Comparison | None:
     """arm vs ref paired by training seed (ref "base": the same base model for every seed)."""
-    def by_seed(a):
-        return {r["run"]["seed"]: name for name, r in results.items()
-                if r.get("arm") == a and r.get("status") == 0 and r.get("plan") == "main" and "evals" in r}
-    arms = by_seed(arm)
-    refs = by_seed(ref)
+    arms = runs_by_seed(results, arm)
+    refs = runs_by_seed(results, ref)
     seeds = sorted(arms) if ref == "base" else sorted(set(arms) & set(refs))
     if ref == "base" and not refs or not seeds:
         return None
@@ -543,10 +547,8 @@ def arms_table(results: dict) -> list[str]:
     """The paper's layout: one row per arm, its absolute scores on each split as the mean over training seeds with
     a 95% t interval over seeds (n − 1 dof), and the compute each run took (the improvements, paired, are the
     main table's)."""
-    runs: dict[str, list[dict]] = {}
-    for r in results.values():
-        if r.get("plan") == "main" and r.get("status") == 0 and "evals" in r:
-            runs.setdefault(r["arm"], []).append(r)
+    runs = {arm: [results[n] for _, n in sorted(runs_by_seed(results, arm).items())] for arm in ARMS}
+    runs = {arm: rs for arm, rs in runs.items() if rs}
     if not runs:
         return ["(no main-plan runs evaluated yet)"]
     cols = [(sp, m, name) for sp in SPLITS for m, name in (("mean", "score"), ("nll", "gold NLL"),
@@ -654,6 +656,40 @@ def plot_curve(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def plot_comparisons(comps: list[Comparison], path: Path) -> bool:
+    """One panel per split x metric: each comparison's per-seed improvements (dots) and its 95% t interval over
+    seeds (bar), so that a reader sees the seeds behind every mean."""
+    rows = [(a, r) for a, r in COMPARISONS if any((c.arm, c.ref) == (a, r) for c in comps)]
+    if not rows:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(sp, m) for sp in SPLITS for m in METRICS]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 0.6 * len(rows) + 1.6), sharey=True)
+    for ax, (sp, m) in zip(axes, panels):
+        for y, (a, r) in enumerate(rows):
+            c = next((c for c in comps if (c.arm, c.ref, c.split, c.metric) == (a, r, sp, m)), None)
+            if c is None:
+                continue
+            if c.t is not None:
+                ax.plot([c.t.low, c.t.high], [y, y], color="C0", lw=2)
+            ax.plot(c.per_seed, [y] * len(c.per_seed), "o", color="C1", ms=4)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_title(f"{SPLIT_NAMES[sp]}: Δ {METRICS[m]}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_yticks(range(len(rows)), [f"{ARMS[a][0]} − {ARMS[r][0]}" for a, r in rows], fontsize=8)
+    axes[0].invert_yaxis()
+    fig.suptitle("Main plan: improvement per training seed (dots) and 95% t interval over seeds (bar); > 0 better",
+                 fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def compute_table(results: dict) -> list[str]:
     out = ["| run | arm | steps | train tokens | train CPU s (this process) | resumed from | eval CPU s | "
            "adapt_gain (last 50 steps) | commit |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
@@ -706,7 +742,7 @@ def _shown(path: Path) -> str:
 
 
 def report(results_dir: Path = RESULTS_DIR, md_path: Path | None = None, n_boot: int = 2000) -> str:
-    """bench/results/study_report.md (+ study_curve.png): generated tables; bench/results/study.md is the
+    """bench/results/study_report.md (+ study_curve.png, study_comparisons.png): generated tables; bench/results/study.md is the
     hand-written plan and reading."""
     results_dir = Path(results_dir)
     md_path = md_path or results_dir.parent / "study_report.md"
@@ -722,6 +758,9 @@ def report(results_dir: Path = RESULTS_DIR, md_path: Path | None = None, n_boot:
     comps = main_comparisons(results_dir, n_boot)
     md += ["", "## Main plan: the arms", ""] + arms_table(results)
     md += ["", "## Main plan: paired comparisons", ""] + main_table(comps)
+    png = md_path.with_name("study_comparisons.png")
+    if plot_comparisons(comps, png):
+        md += ["", f"![paired comparisons]({png.name})"]
     md += ["", "### Power", ""] + power_table(comps)
     md += ["", "### Where the gold-NLL gain comes from", ""] + decomposition_table(results_dir, n_boot)
     md += ["", "## The inner step during training (adapt_gain, nats/token)", ""]

@@ -119,6 +119,8 @@ def test_smoke_plan_end_to_end(tmp_path):
     text = study.report(results, tmp_path / "report.md", n_boot=50)
     assert "| MAML-en-LLM − MetaICL |" in text and "MDE" in text
     assert "| maml-s0 | maml | 2 |" in text  # the inner step during training, from the per-step logs
+    assert "![paired comparisons](study_comparisons.png)" in text and (tmp_path / "study_comparisons.png").stat().st_size
+    assert "| MetaICL | 2 | 2 |" in text  # the arms table: 2 seeds of 2 meta-steps
 
 
 def test_training_log_keeps_the_last_record_of_each_step(tmp_path):
