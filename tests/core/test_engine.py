@@ -215,7 +215,7 @@ def test_metaicl_step_is_adamw_on_mean_gradient(tiny, gen):
         loss.backward()
         opt.step()
         metrics = engine.metaicl_step(batches)
-        assert metrics["loss"] == pytest.approx(float(loss), rel=1e-12)
+        assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-12)
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-13)
     st = engine.optimizer_state()
