@@ -411,12 +411,11 @@ WRONG = "wrong"
 
 def query_values(pq: dict, split: str, metric: str) -> dict[str, list[float]]:
     """{task: per-query value averaged over demonstration seeds}; metric "nll", "margin" or WRONG."""
-    out = {}
-    for task, by_seed in pq[split].items():
-        cols = [[n + m for n, m in zip(v["nll"], v["margin"])] if metric == WRONG else v[metric]
-                for v in by_seed.values()]
-        out[task] = [sum(c[i] for c in cols) / len(cols) for i in range(len(cols[0]))]
-    return out
+    from mamlen.train.evaluate import seed_mean
+
+    return {task: seed_mean([[n + m for n, m in zip(v["nll"], v["margin"])] if metric == WRONG else v[metric]
+                             for v in by_seed.values()])
+            for task, by_seed in pq[split].items()}
 
 
 def improvement(arm: dict[str, list[float]], ref: dict[str, list[float]], metric: str) -> list[list[float]]:
@@ -569,10 +568,9 @@ def arms_table(results: dict) -> list[str]:
     return out
 
 
-def decomposition_table(results_dir: Path, n_boot: int = 2000) -> list[str]:
+def decomposition_table(results_dir: Path, results: dict, n_boot: int = 2000) -> list[str]:
     """Each arm's gold-NLL gain over the base model split into the label set's gain (the best wrong option's NLL
     falls too) and the discrimination gain (margin). Descriptive: not in the Holm family of the main table."""
-    results = load_results(results_dir)
     out = ["Per arm against the base model, mean over training seeds (95% t interval over seeds when n ≥ 2; "
            "one seed: the bootstrap over tasks x queries). Δ gold NLL = Δ best-wrong NLL + Δ margin exactly; a "
            "gain mostly in the best-wrong column is the model learning the label set and format, not which "
@@ -742,8 +740,8 @@ def _shown(path: Path) -> str:
 
 
 def report(results_dir: Path = RESULTS_DIR, md_path: Path | None = None, n_boot: int = 2000) -> str:
-    """bench/results/study_report.md (+ study_curve.png, study_comparisons.png): generated tables; bench/results/study.md is the
-    hand-written plan and reading."""
+    """bench/results/study_report.md (+ study_curve.png, study_comparisons.png): generated tables;
+    bench/results/study.md is the hand-written plan and reading."""
     results_dir = Path(results_dir)
     md_path = md_path or results_dir.parent / "study_report.md"
     results = load_results(results_dir)
@@ -762,7 +760,7 @@ def report(results_dir: Path = RESULTS_DIR, md_path: Path | None = None, n_boot:
     if plot_comparisons(comps, png):
         md += ["", f"![paired comparisons]({png.name})"]
     md += ["", "### Power", ""] + power_table(comps)
-    md += ["", "### Where the gold-NLL gain comes from", ""] + decomposition_table(results_dir, n_boot)
+    md += ["", "### Where the gold-NLL gain comes from", ""] + decomposition_table(results_dir, results, n_boot)
     md += ["", "## The inner step during training (adapt_gain, nats/token)", ""]
     md += adaptation_table(results, load_training_logs(results_dir))
     md += ["", "## Runs and compute", ""] + compute_table(results)

@@ -255,6 +255,11 @@ class QueryScores:
     correct: list[bool]
 
 
+def seed_mean(per_seed: Sequence[Sequence[float]]) -> list[float]:
+    """Each query's value averaged over the demonstration seeds (which score the same queries of a task)."""
+    return [sum(v) / len(v) for v in zip(*per_seed, strict=True)]
+
+
 def query_scores(losses: Sequence[Sequence[float]], queries: Sequence[dict]) -> QueryScores:
     nll, margin, correct = [], [], []
     for ls, q in zip(losses, queries):

@@ -123,7 +123,7 @@ def run_eval(cfg, model, tok, tasks, log, step, tag):
     checkpoint.set_rng_state(rng)
     summary = {"tasks": {t: r["mean"] for t, r in result["tasks"].items()},
                "nll": {t: r["nll_mean"] for t, r in result["tasks"].items()}, "macro": result["macro"],
-               "queries": {t: {m: seed_mean([s[m] for s in by_seed.values()]) for m in ("nll", "margin")}
+               "queries": {t: {m: evaluate.seed_mean([s[m] for s in by_seed.values()]) for m in ("nll", "margin")}
                            for t, by_seed in result["per_query"].items()
                            if len({len(s["nll"]) for s in by_seed.values()}) == 1}}
     log.eval(step, summary, tag)
@@ -152,11 +152,6 @@ def side_by_side(before: dict, after: dict) -> str:
     return "\n".join(rows)
 
 
-def seed_mean(per_seed: list[list[float]]) -> list[float]:
-    """Each query's value averaged over the demonstration seeds (which score the same queries of a task)."""
-    return [sum(v) / len(v) for v in zip(*per_seed, strict=True)]
-
-
 def paired_changes(before: dict, after: dict) -> list[str]:
     """The macro changes of gold NLL and margin with a 95% bootstrap interval over tasks x queries, each query
     paired with itself before and after; nothing when either evaluation lacks per-query values (an old run)
@@ -171,8 +166,8 @@ def paired_changes(before: dict, after: dict) -> list[str]:
     for metric, better in (("nll", "lower"), ("margin", "higher")):
         diffs = [[x - y for x, y in zip(a[t][metric], b[t][metric])] for t in sorted(a)]
         ci = hierarchical_bootstrap([diffs], n_boot=2000)
-        rows.append(f"  {'gold NLL' if metric == 'nll' else 'margin':9s} {ci.mean:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}]"
-                    f"  ({better} is better)")
+        name = "gold NLL" if metric == "nll" else "margin"
+        rows.append(f"  {name:9s} {ci.mean:+.4f} [{ci.low:+.4f}, {ci.high:+.4f}]  ({better} is better)")
     return rows
 
 

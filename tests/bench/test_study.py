@@ -119,7 +119,8 @@ def test_smoke_plan_end_to_end(tmp_path):
     text = study.report(results, tmp_path / "report.md", n_boot=50)
     assert "| MAML-en-LLM − MetaICL |" in text and "MDE" in text
     assert "| maml-s0 | maml | 2 |" in text  # the inner step during training, from the per-step logs
-    assert "![paired comparisons](study_comparisons.png)" in text and (tmp_path / "study_comparisons.png").stat().st_size
+    assert "![paired comparisons](study_comparisons.png)" in text
+    assert (tmp_path / "study_comparisons.png").stat().st_size > 0
     assert "| MetaICL | 2 | 2 |" in text  # the arms table: 2 seeds of 2 meta-steps
 
 
@@ -201,7 +202,7 @@ def test_gold_nll_gain_splits_into_label_set_and_margin(tmp_path):
 
     def write(name, arm, seed, shift):
         # per query: gold NLL and margin drawn independently; the arm shifts every best-wrong NLL down by `shift`
-        pq = {sp: {t: {s: {"nll": list(nll[sp][t][s] - shift), "margin": list(mar[sp][t][s] + 0.0),
+        pq = {sp: {t: {s: {"nll": list(nll[sp][t][s] - shift), "margin": list(mar[sp][t][s]),
                            "correct": [True] * 3} for s in ("1", "2")} for t in ("a", "b")} for sp in study.SPLITS}
         if name != "base":  # change gold and wrong differently: margin moves too
             for sp in pq:
@@ -224,7 +225,7 @@ def test_gold_nll_gain_splits_into_label_set_and_margin(tmp_path):
                                                                                                  "margin"))
     assert np.allclose(np.array(g.per_seed), np.array(w.per_seed) + np.array(m.per_seed))
     assert w.per_seed == pytest.approx([0.25, 0.5])  # the shift of every wrong option, and nothing else
-    rows = [r for r in study.decomposition_table(results, n_boot=100) if r.startswith("| MetaICL")]
+    rows = [r for r in study.decomposition_table(results, res, n_boot=100) if r.startswith("| MetaICL")]
     assert len(rows) == 2 and rows[0].split("|")[3].strip() == "2"
     assert rows[0].split("|")[5].strip().startswith(f"{w.t.mean:+.4f} [")
 

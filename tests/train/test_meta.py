@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mamlen.train import meta
+from mamlen.train import evaluate, meta
 
 TINY = ["--preset", "tiny", "--set", "log.tensorboard=false"]
 
@@ -149,4 +149,4 @@ def test_paired_changes_pair_each_query_with_itself():
     assert meta.paired_changes({"tasks": before["tasks"]}, after) == []
     fewer = {**before, "queries": {**before["queries"], "t2": {"nll": [0.5], "margin": [0.0]}}}
     assert meta.paired_changes(fewer, after) == []
-    assert meta.seed_mean([[1.0, 2.0], [3.0, 5.0]]) == [2.0, 3.5]
+    assert evaluate.seed_mean([[1.0, 2.0], [3.0, 5.0]]) == [2.0, 3.5]
