@@ -266,8 +266,7 @@ def execute(plan: Plan, run: Run, results_dir: Path = RESULTS_DIR, work_dir: Pat
                  and math.isfinite(m["adapt_gain"])]
         rec["compute"] = {"train_cpu_s_this_process": time.process_time() - t_cpu,
                           "train_wall_s_this_process": time.perf_counter() - t_wall, "resumed_from_step": start,
-                          "step_wall_s": sum(m["tokens"] / m["tokens_per_s"] for m in steps
-                                             if m.get("tokens_per_s")),
+                          "step_wall_s": sum(step_seconds(m) for m in steps),
                           "peak_mem_gb": max((m.get("peak_mem_gb", 0) for m in steps), default=0.0)}
         rec["training"] = {"steps": len(steps), "tokens": sum(m["tokens"] for m in steps),
                            "loss_first10": _mean([m["loss"] for m in steps[:10]]),
@@ -299,7 +298,17 @@ def execute(plan: Plan, run: Run, results_dir: Path = RESULTS_DIR, work_dir: Pat
     return rec
 
 
-TRAIN_FIELDS = ("step", "loss", "support_loss", "query_loss_before", "adapt_gain", "grad_norm", "tokens", "skipped")
+# the step's numbers, then its cost (the run's compute record is summed from these)
+TRAIN_FIELDS = ("step", "loss", "support_loss", "query_loss_before", "adapt_gain", "grad_norm", "tokens", "skipped",
+                "input_tokens", "step_s", "tokens_per_s", "peak_mem_gb")
+
+
+def step_seconds(m: dict) -> float:
+    """A metrics.jsonl step's wall seconds. Logs written before step_s existed (e.g. the main plan's, 017f47b)
+    give them as tokens / tokens_per_s, both counting target tokens then."""
+    if "step_s" in m:
+        return m["step_s"]
+    return m["tokens"] / m["tokens_per_s"] if m.get("tokens_per_s") else 0.0
 
 
 def training_log(metrics_path: Path, steps: int) -> list[dict]:

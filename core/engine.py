@@ -31,7 +31,7 @@ from mamlen import kernels
 from mamlen.core import activation_checkpoint, attention, forward_ad, hvp, inner_step, outer_step
 from mamlen.core.arena import ParamArena
 from mamlen.core.config import MetaConfig
-from mamlen.core.loss import Objective, RngState, count_targets
+from mamlen.core.loss import Objective, RngState, count_inputs, count_targets
 from mamlen.core.sharding import OuterState
 
 
@@ -50,6 +50,7 @@ class _TaskResult:
     support_loss: float       # L_{S_1}(θ)
     query_loss_before: float  # L_Q(θ): the query loss without adaptation
     tokens: int               # target tokens of the query and the support batches
+    input_tokens: int         # non-padding tokens of the query and the support batches
 
 
 def _sd(dtype):
@@ -107,7 +108,7 @@ class MetaEngine:
             raise ValueError("metaicl_step: no batches")
         self.arena.check_bound()
         G = self.arena.new(_sd)
-        loss_sum, tokens = 0.0, 0
+        loss_sum, tokens, inputs = 0.0, 0, 0
         for batch in batches:  # one backward per batch: peak memory of a single batch
             batch = self.obj.to_device(batch)
             loss, g = hvp.gradient(self.obj, self.arena.flats, batch, RngState(self.arena.device))
@@ -115,9 +116,10 @@ class MetaEngine:
                 acc.add_(gi)
             loss_sum += float(loss)
             tokens += count_targets(batch)
+            inputs += count_inputs(batch)
         # no adaptation: the "before" loss is the loss itself
         stats = outer_step.StepSums(tasks=len(batches), query_loss=loss_sum, support_loss=loss_sum, tokens=tokens,
-                                    query_loss_before=loss_sum).tensor(self.arena.device)
+                                    query_loss_before=loss_sum, input_tokens=inputs).tensor(self.arena.device)
         G = self.opt_state.reduce_(G, stats)  # sync point; this rank's shard of the mean when sharded
         return self._outer(G, stats, t0)
 
@@ -150,7 +152,7 @@ class MetaEngine:
         self.config.validate()
         self.arena.check_bound()
         G = []  # the first task's G_i becomes the accumulator: one parameter-sized buffer fewer during it
-        sums = outer_step.StepSums(0, 0.0, 0.0, 0, 0.0)
+        sums = outer_step.StepSums(tasks=0, query_loss=0.0, support_loss=0.0, tokens=0, query_loss_before=0.0)
         with self.opt_state.materialized():  # sharded shared moments: gathered in full for this step's tasks
             for i, task in enumerate(tasks):
                 r = self._task_gradient_into(task, G, i)
@@ -158,6 +160,7 @@ class MetaEngine:
                 sums.query_loss += r.query_loss
                 sums.support_loss += r.support_loss
                 sums.tokens += r.tokens
+                sums.input_tokens += r.input_tokens
                 sums.query_loss_before += r.query_loss_before
         # reduced with G in the same sync
         stats = sums.tensor(self.arena.device)
@@ -243,7 +246,8 @@ class MetaEngine:
             for acc, gi in zip(G, adj.p_bar):
                 acc.add_(gi)
         return _TaskResult(query_loss=float(q_loss), support_loss=s_first, query_loss_before=q_before,
-                           tokens=count_targets(query) + sum(count_targets(b) for b in supports))
+                           tokens=count_targets(query) + sum(count_targets(b) for b in supports),
+                           input_tokens=count_inputs(query) + sum(count_inputs(b) for b in supports))
 
     def _initial_moments(self) -> inner_step.MomentSource:
         """m_0, v_0: the shared moments (full, gathered shards or 8-bit codes), or zeros (moments="separate")."""

@@ -43,7 +43,7 @@ from mamlen import kernels
 from mamlen.core import activation_checkpoint, attention, inner_step, outer_step
 from mamlen.core.config import MetaConfig
 from mamlen.core.engine import Task
-from mamlen.core.loss import Objective, RngState, count_targets
+from mamlen.core.loss import Objective, RngState, count_inputs, count_targets
 from mamlen.core.sharding import OuterState
 
 
@@ -202,6 +202,7 @@ class _Part:
     batch: dict
     scale: float   # local target tokens / the whole batch's target tokens
     tokens: int    # target tokens of the whole batch
+    inputs: int    # non-padding tokens of the whole batch
 
 
 @dataclass
@@ -210,6 +211,7 @@ class _TaskLosses:
     support: float       # this rank's share of L_{S_1}(θ)
     query_before: float  # this rank's share of L_Q(θ) (NaN unless measure_adaptation)
     tokens: int          # target tokens of the query and the support batches (whole batches)
+    input_tokens: int    # their non-padding tokens (whole batches)
 
 
 class FSDPMetaEngine:
@@ -274,7 +276,7 @@ class FSDPMetaEngine:
             raise ValueError("metaicl_step: no batches")
         theta = self._begin()
         G = self.arena.new(_sd)
-        loss_sum, tokens = 0.0, 0
+        loss_sum, tokens, inputs = 0.0, 0, 0
         for b, batch in enumerate(batches):
             part = self._split(batch, f"metaicl batch {b}")
             loss, g = self._gradient(theta, part, RngState(self.arena.device))
@@ -282,12 +284,14 @@ class FSDPMetaEngine:
                 acc.add_(gi)
             loss_sum += loss
             tokens += part.tokens
+            inputs += part.inputs
         losses = self._sum_over_ranks([loss_sum])[0]
         for acc in G:
             acc.div_(len(batches))
         # no adaptation: the "before" loss is the loss itself
         return self._outer(G, outer_step.StepSums(tasks=len(batches), query_loss=losses, support_loss=losses,
-                                                  tokens=tokens, query_loss_before=losses), t0)
+                                                  tokens=tokens, query_loss_before=losses, input_tokens=inputs),
+                           t0)
 
     def optimizer_state(self) -> dict:
         """{"step": int, "exp_avg": {name: DTensor}, "exp_avg_sq": {name: DTensor}} (+ "master" with
@@ -329,7 +333,7 @@ class FSDPMetaEngine:
         total = count_targets(batch)
         if total == 0:
             raise ValueError(f"{where}: batch has no target token (every label is -100): its loss is undefined")
-        return _Part(self.obj.to_device(local), count_targets(local) / total, total)
+        return _Part(self.obj.to_device(local), count_targets(local) / total, total, count_inputs(batch))
 
     def _loss(self, part: _Part) -> torch.Tensor:
         """This rank's share of the batch's mean loss (a forward through the sharded model: a collective)."""
@@ -384,7 +388,7 @@ class FSDPMetaEngine:
         theta = self._begin()
         G = None
         q = s = before = 0.0
-        tokens = 0
+        tokens = inputs = 0
         for i, task in enumerate(tasks):
             G_i, r = self._task_gradient(theta, task, i)
             if G is None:  # the first task's G_i is the accumulator
@@ -393,13 +397,14 @@ class FSDPMetaEngine:
                 for acc, gi in zip(G, G_i):
                     acc.add_(gi)
             del G_i
-            q, s, before, tokens = q + r.query, s + r.support, before + r.query_before, tokens + r.tokens
+            q, s, before = q + r.query, s + r.support, before + r.query_before
+            tokens, inputs = tokens + r.tokens, inputs + r.input_tokens
         self.arena.install_(theta)  # the parameters hold θ again
         q, s, before = self._sum_over_ranks([q, s, before])  # each rank summed its share of every loss
         for acc in G:
             acc.div_(len(tasks))
         return G, outer_step.StepSums(tasks=len(tasks), query_loss=q, support_loss=s, tokens=tokens,
-                                      query_loss_before=before)
+                                      query_loss_before=before, input_tokens=inputs)
 
     def _task_gradient(self, theta, task: Task, i: int):
         """(this rank's shard of G_i, _TaskLosses)."""
@@ -445,8 +450,9 @@ class FSDPMetaEngine:
             if cfg.hvp == "fd":
                 self._hvp_fd_into(rec.phi, rec.batch, rec.rng, g_bar, adj.p_bar)
             del rec, g_bar
-        tokens = query.tokens + sum(p.tokens for p in supports)
-        return adj.p_bar, _TaskLosses(query=q_loss, support=s_first, query_before=q_before, tokens=tokens)
+        return adj.p_bar, _TaskLosses(query=q_loss, support=s_first, query_before=q_before,
+                                      tokens=query.tokens + sum(p.tokens for p in supports),
+                                      input_tokens=query.inputs + sum(p.inputs for p in supports))
 
     def _hvp_fd_into(self, phi, part, rng, vec, acc):
         """acc += (∇L(φ + r·vec) - ∇L(φ - r·vec)) / 2r on this rank's shards, r = fd_eps / ‖vec‖ (the global

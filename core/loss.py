@@ -54,6 +54,12 @@ def count_targets(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
+def count_inputs(batch: dict) -> int:
+    """Tokens the model reads in `batch`: its attention mask's ones (every position without a mask)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
 class RngState:
     """The dropout masks of one loss: every evaluation of that loss inside `replay()` draws the same ones.
 

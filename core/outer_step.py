@@ -24,6 +24,7 @@ class StepSums:
     support_loss: float        # Σ L_{S_1}(θ)
     tokens: float              # target tokens of the queries and support batches
     query_loss_before: float   # Σ L_Q(θ) (NaN without measure_adaptation)
+    input_tokens: float = 0    # tokens the model read: every batch's non-padding tokens, once per batch
 
     def tensor(self, device) -> torch.Tensor:
         """float64 (the default float32 would round the losses), to be reduced across ranks with G."""
@@ -42,7 +43,7 @@ def update_(config, opt_state, G: list, sums: StepSums, norm: float, step: int) 
     # adapt_gain > 0: the inner step lowered the query loss (L_Q(θ) - L_Q(φ_K), mean over tasks)
     metrics = {"loss": loss, "support_loss": support_loss, "query_loss_before": sums.query_loss_before / n,
                "adapt_gain": (sums.query_loss_before - sums.query_loss) / n, "grad_norm": norm,
-               "tokens": int(sums.tokens), "skipped": not finite}
+               "tokens": int(sums.tokens), "input_tokens": int(sums.input_tokens), "skipped": not finite}
     if finite:
         if config.max_grad_norm is not None and norm > config.max_grad_norm:
             for g in G:

@@ -1,8 +1,10 @@
 """What a run reports (rank 0 only): a tqdm bar, one line per step in metrics.jsonl, TensorBoard scalars.
 
-metrics.jsonl holds exactly one JSON object per step (step, loss, support_loss, grad_norm, inner_lr,
-outer_lr, tokens, tokens_per_s, peak_mem_gb, skipped); on resume the lines past the checkpoint's step are
-dropped first, so a resumed run's file reads like an uninterrupted one. Evaluations go to eval.jsonl.
+metrics.jsonl holds exactly one JSON object per step (step, loss, support_loss, query_loss_before, adapt_gain,
+grad_norm, inner_lr, outer_lr, tokens: the target tokens, input_tokens: the non-padding tokens the model read,
+step_s: wall seconds, tokens_per_s = input_tokens / step_s, peak_mem_gb, skipped); on resume the lines past the
+checkpoint's step are dropped first, so a resumed run's file reads like an uninterrupted one. Evaluations go to
+eval.jsonl.
 """
 from __future__ import annotations
 

@@ -295,7 +295,8 @@ def _train(cfg: config.Config, rank: int, world: int, device: torch.device) -> i
                   "query_loss_before": m["query_loss_before"], "adapt_gain": m["adapt_gain"],
                   "grad_norm": m["grad_norm"],
                   "inner_lr": mcfg.inner_lr, "outer_lr": mcfg.outer_lr, "tokens": m["tokens"],
-                  "tokens_per_s": m["tokens"] / dt, "peak_mem_gb": peak_mem_gb(), "skipped": m["skipped"]})
+                  "input_tokens": m["input_tokens"], "step_s": dt, "tokens_per_s": m["input_tokens"] / dt,
+                  "peak_mem_gb": peak_mem_gb(), "skipped": m["skipped"]})
         if skips >= cfg.train.max_consecutive_skips:
             log.write(f"stopping at step {step}: {skips} consecutive steps had a non-finite loss or meta-gradient "
                       f"(train.max_consecutive_skips={cfg.train.max_consecutive_skips}); parameters and moments "

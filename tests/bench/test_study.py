@@ -90,6 +90,9 @@ def test_smoke_plan_end_to_end(tmp_path):
     assert rec["status"] == 0 and rec["git"] == study.git_state(root)["sha"]
     assert set(rec["evals"]) == {"test", "unseen_domain_test"}
     assert rec["training"]["steps"] == 2 and rec["config"]["engine"]["hvp"] == "exact"
+    # the compute record comes from the per-step log (it read 0 while the log kept only the step's numbers)
+    assert 0 < rec["compute"]["step_wall_s"] <= rec["compute"]["train_wall_s_this_process"]
+    assert rec["compute"]["peak_mem_gb"] > 0
     pq = json.loads(gzip.decompress((results / "maml-s0.pq.json.gz").read_bytes()))["per_query"]
     task = next(iter(pq["test"]))
     assert set(pq["test"][task]) == {"100", "13"} and len(pq["test"][task]["100"]["nll"]) == 4
@@ -135,6 +138,13 @@ def test_training_log_keeps_the_last_record_of_each_step(tmp_path):
     with pytest.raises(SystemExit, match="4 of the run's 5 meta-steps"):  # a log that misses a step is refused
         study.write_training_log(tmp_path, "x", m, 5)
     assert not (tmp_path / "x.train.json.gz").exists()
+
+
+def test_step_seconds_of_old_and_new_logs():
+    # new logs carry step_s; the main plan's (017f47b) only tokens / tokens_per_s, both of target tokens
+    assert study.step_seconds({"tokens": 40, "input_tokens": 4000, "tokens_per_s": 1000.0, "step_s": 4.0}) == 4.0
+    assert study.step_seconds({"tokens": 40, "tokens_per_s": 10.0}) == 4.0
+    assert study.step_seconds({"tokens": 40, "tokens_per_s": 0}) == 0.0
 
 
 def test_adaptation_table_known_answer():

@@ -414,6 +414,23 @@ def test_adapt_gain_is_query_loss_before_minus_after(tiny, gen, inner):
     assert math.isnan(m_off["adapt_gain"])
 
 
+def test_step_counts_target_and_input_tokens(tiny, gen):
+    """tokens: the supervised positions; input_tokens: the non-padding tokens of every batch the step reads (a
+    reused support batch once per inner step). The trainer's tokens_per_s divides the latter by the step time."""
+    model = tiny.gpt2()
+    engine = MetaEngine(model, MetaConfig(hvp="first_order", inner_steps=2, **BASE))
+    q = [tiny.batch(gen, B=3, T=11, pad_last=4), tiny.batch(gen, B=2, T=7, pad_last=0)]
+    s = [tiny.batch(gen, B=2, T=9, pad_last=3), tiny.batch(gen, B=1, T=5)]
+    tasks = [Task(support=[s[0]], query=q[0]), Task(support=[s[1], s[0]], query=q[1])]
+    # (labels[:, 1:] != -100) and the mask, counted by hand from make_batch's layout
+    targets = {id(b): int((b["labels"][:, 1:] != -100).sum()) for b in q + s}
+    m = engine.step(tasks)
+    assert m["input_tokens"] == (3 * 11 - 4) + 2 * 7 + 2 * (2 * 9 - 3) + (1 * 5 + 2 * 9 - 3)
+    assert m["tokens"] == sum(targets[id(b)] for b in (q[0], s[0], s[0], q[1], s[1], s[0]))
+    m = engine.metaicl_step(q)
+    assert m["input_tokens"] == (3 * 11 - 4) + 2 * 7 and m["tokens"] == targets[id(q[0])] + targets[id(q[1])]
+
+
 @pytest.mark.parametrize("kw, field", [
     (dict(eps=0.0), "MetaConfig.eps: must be > 0"),               # m/(√v + ε) = 0/0 on lanes with v = 0
     (dict(autocast_dtype=torch.float16), "MetaConfig.autocast_dtype"),  # no loss scaling

@@ -75,9 +75,11 @@ def _worker():
             for key in ("loss", "support_loss", "query_loss_before", "adapt_gain", "grad_norm"):
                 assert abs(ma[key] - mb[key]) <= 1e-10 * max(1.0, abs(ma[key])), (name, s, key, ma[key], mb[key])
             assert ma["tokens"] == mb["tokens"] and ma["step"] == mb["step"] and not mb["skipped"], (name, ma, mb)
+            assert ma["input_tokens"] == mb["input_tokens"] > ma["tokens"], (name, ma, mb)  # whole batches
         queries = [t.query for t in tasks(gen, 2, 1)]
         ma, mb = ref.metaicl_step(queries), fs.metaicl_step(queries)
         assert abs(ma["loss"] - mb["loss"]) <= 1e-10 and abs(ma["grad_norm"] - mb["grad_norm"]) <= 1e-10, name
+        assert ma["input_tokens"] == mb["input_tokens"] == sum(int(b["attention_mask"].sum()) for b in queries), name
         pa = dict(ref.model.named_parameters())
         for n, p in fs.model.named_parameters():
             close(p.full_tensor(), pa[n], f"{name} param {n}")

@@ -20,7 +20,7 @@ def metrics(out):
 
 
 def same_numbers(rec):  # timing and memory differ between runs; everything computed must not
-    return {k: v for k, v in rec.items() if k not in ("tokens_per_s", "peak_mem_gb")}
+    return {k: v for k, v in rec.items() if k not in ("tokens_per_s", "step_s", "peak_mem_gb")}
 
 
 def tensors(ckpt):
@@ -63,6 +63,9 @@ def test_resume_is_exact_and_skips_a_truncated_checkpoint(tmp_path, capsys):
     assert [same_numbers(m) for m in ma] == [same_numbers(m) for m in mb]
     assert all(set(m) >= {"step", "loss", "support_loss", "grad_norm", "inner_lr", "outer_lr", "tokens_per_s",
                           "peak_mem_gb", "skipped"} for m in ma)
+    # throughput counts every token the model read, not only the supervised ones
+    assert all(m["input_tokens"] > m["tokens"] > 0 and m["tokens_per_s"] == m["input_tokens"] / m["step_s"]
+               for m in ma)
     assert_equal_tensors(tensors(a / "ckpt-00000004"), tensors(b / "ckpt-00000004"))
 
     # already at max_steps: nothing to do, nothing changes
