@@ -562,7 +562,8 @@ def arms_table(results: dict) -> list[str]:
     cols = [(sp, m, name) for sp in SPLITS for m, name in (("mean", "score"), ("nll", "gold NLL"),
                                                            ("margin", "margin"))]
     out = ["Macro over tasks (score: macro-F1 or accuracy; gold NLL and margin in nats/token), mean over training "
-           "seeds [95% t interval over seeds]; CPU seconds of training per run (one thread) and target tokens.", "",
+           "seeds [95% t interval over seeds]; CPU seconds of training per run (one thread; runs resumed from a "
+           "checkpoint left out) and target tokens.", "",
            "| arm | seeds | meta-steps | " + " | ".join(f"{SPLIT_NAMES[sp]}: {name}" for sp, _, name in cols)
            + " | train CPU s / run | train tokens / run |", "|---|---:|---:|" + "---|" * len(cols) + "---:|---:|"]
     for arm in ARMS:
@@ -570,11 +571,25 @@ def arms_table(results: dict) -> list[str]:
         if not rs:
             continue
         cells = [_over_seeds([r["evals"][sp]["macro"][m] for r in rs]) for sp, m, _ in cols]
-        cpu = _mean([r.get("compute", {}).get("train_cpu_s_this_process") for r in rs])
         tok = _mean([r.get("training", {}).get("tokens") for r in rs])
         out.append(f"| {ARMS[arm][0]} | {len(rs)} | {rs[0]['run']['steps']} | " + " | ".join(cells)
-                   + f" | {'–' if not cpu else f'{cpu:.0f}'} | {'–' if not tok else f'{tok:.0f}'} |")
+                   + f" | {train_cpu(rs)} | {'–' if not tok else f'{tok:.0f}'} |")
     return out
+
+
+def train_cpu(runs: list[dict]) -> str:
+    """CPU seconds of training per run. A resumed run's process did only the steps after its checkpoint, so the
+    mean is over the runs trained from step 0; with none, the resumed ones scaled to all steps (marked ≈)."""
+    whole, scaled = [], []
+    for r in runs:
+        c, steps = r.get("compute", {}), r["run"]["steps"]
+        cpu, start = c.get("train_cpu_s_this_process"), c.get("resumed_from_step", 0)
+        if not cpu or start >= steps:
+            continue
+        (whole if start == 0 else scaled).append(cpu * steps / (steps - start))
+    if whole:
+        return f"{_mean(whole):.0f}" + (f" ({len(whole)} of {len(runs)} runs)" if len(whole) < len(runs) else "")
+    return f"≈ {_mean(scaled):.0f}" if scaled else "–"
 
 
 def decomposition_table(results_dir: Path, results: dict, n_boot: int = 2000) -> list[str]:

@@ -256,3 +256,7 @@ def test_arms_table_known_answer():
     half = st.t.ppf(0.975, 1) * (0.1 / 2 ** 0.5) / 2 ** 0.5  # sd of (0.4, 0.5) is 0.1 / sqrt(2); n = 2
     assert rows["MetaICL"][1:4] == ["2", "100", f"0.450 [{0.45 - half:.3f}, {0.45 + half:.3f}]"]
     assert rows["MetaICL"][-2:] == ["750", "600"] and rows["no meta-training"][3] == "0.300"
+    # a run resumed at step 50 did half its training in the process that reported it
+    results["m1"]["compute"]["resumed_from_step"] = 50
+    assert study.train_cpu([results["m0"], results["m1"]]) == "700 (1 of 2 runs)"
+    assert study.train_cpu([results["m1"]]) == "≈ 1600"
