@@ -55,9 +55,11 @@ def count_targets(batch: dict) -> int:
 
 
 def count_inputs(batch: dict) -> int:
-    """Tokens the model reads in `batch`: its attention mask's ones (every position without a mask)."""
-    mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    """Tokens the model reads in `batch`: its attention mask's ones; without a mask every position of input_ids (or
+    of labels, for a custom loss_fn's batch that has neither)."""
+    if batch.get("attention_mask") is not None:
+        return int(batch["attention_mask"].sum())
+    return (batch["input_ids"] if "input_ids" in batch else batch["labels"]).numel()
 
 
 class RngState:

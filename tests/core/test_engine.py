@@ -429,6 +429,11 @@ def test_step_counts_target_and_input_tokens(tiny, gen):
     assert m["tokens"] == sum(targets[id(b)] for b in (q[0], s[0], s[0], q[1], s[1], s[0]))
     m = engine.metaicl_step(q)
     assert m["input_tokens"] == (3 * 11 - 4) + 2 * 7 and m["tokens"] == targets[id(q[0])] + targets[id(q[1])]
+    # without a mask every position counts; a custom loss_fn's batch may hold neither input_ids nor a mask
+    unmasked = {k: v for k, v in q[0].items() if k != "attention_mask"}
+    assert engine.metaicl_step([unmasked])["input_tokens"] == 3 * 11
+    custom = MetaEngine(tiny.gpt2(), MetaConfig(**BASE), loss_fn=lambda model, b: model.lm_head.weight.sum() * 0)
+    assert custom.metaicl_step([{"labels": torch.zeros(2, 5, dtype=torch.long)}])["input_tokens"] == 10
 
 
 @pytest.mark.parametrize("kw, field", [
