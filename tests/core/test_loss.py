@@ -33,7 +33,7 @@ def test_target_positions_only_equals_hf_loss_and_its_derivatives(tiny, arch):
     for a, b in zip(g1 + list(h1), g2 + list(h2)):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
     hf = model(**batch).loss  # HF computes its loss in float32
-    assert float(v1) == pytest.approx(float(hf), rel=1e-6)
+    assert float(v1) == pytest.approx(hf.item(), rel=1e-6)
 
     seen = []
     head = model.get_output_embeddings()
