@@ -333,7 +333,8 @@ class FSDPMetaEngine:
         total = count_targets(batch)
         if total == 0:
             raise ValueError(f"{where}: batch has no target token (every label is -100): its loss is undefined")
-        return _Part(self.obj.to_device(local), count_targets(local) / total, total, count_inputs(batch))
+        return _Part(batch=self.obj.to_device(local), scale=count_targets(local) / total, tokens=total,
+                     inputs=count_inputs(batch))
 
     def _loss(self, part: _Part) -> torch.Tensor:
         """This rank's share of the batch's mean loss (a forward through the sharded model: a collective)."""
